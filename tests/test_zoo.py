@@ -1,0 +1,132 @@
+"""The zoo: loading (shipped models, real-pipeline paths, bad input) and the toy pipeline's contracts."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import zoo
+from workbench.pipelines import ToyTextToImagePipeline
+from workbench.toyclip import ToyCLIPModel
+
+
+@pytest.fixture(scope="module")
+def random_toy_pipeline():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip = ToyCLIPModel(vision_layers=1, text_layers=1).eval()
+    return ToyTextToImagePipeline(zoo.build_toy_t2i_unet(seed=0).eval(), zoo.sampling_scheduler(), clip)
+
+
+def test_unknown_zoo_name_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"toyclip.*toy-t2i.*toy-uncond"):
+        zoo.load("toy-gan")
+
+
+def test_missing_model_names_the_training_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="zoo train toyclip"):
+        zoo.load("toyclip", path=tmp_path / "nothing")
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_random_model(tmp_path):
+    folder = tmp_path / "toyclip"
+    shutil.copytree(zoo.DATA_DIR / "toyclip", folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="could not be loaded"):
+        zoo.load("toyclip", path=folder)
+
+
+def test_shipped_models_load():
+    clip = zoo.load("toyclip")
+    t2i = zoo.load("toy-t2i")
+    uncond = zoo.load("toy-uncond")
+    assert isinstance(clip, ToyCLIPModel) and not clip.training
+    assert isinstance(t2i, ToyTextToImagePipeline) and t2i.unet.dtype == torch.float32
+    assert t2i.scheduler.config.beta_schedule == "scaled_linear" and t2i.scheduler.config.beta_end == 0.012
+    assert uncond.unet.config.sample_size == 32 and uncond.unet.config.in_channels == 3
+
+
+def test_load_pipeline_by_local_path_round_trips_a_real_pipeline_layout(tiny_sd_pipeline, tmp_path):
+    tiny_sd_pipeline.save_pretrained(tmp_path / "sd")
+    pipe = zoo.load_pipeline(tmp_path / "sd")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    for name in ("unet", "vae", "text_encoder"):
+        for a, b in zip(
+            getattr(pipe, name).state_dict().values(),
+            getattr(tiny_sd_pipeline, name).state_dict().values(),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b)
+
+
+def test_load_pipeline_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        zoo.load_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="id_or_path"):
+        zoo.load_pipeline("no-such-org/no-such-model")
+    with pytest.raises(ValueError, match="not a pipeline"):
+        zoo.load_pipeline("toyclip")
+
+
+def test_toy_pipeline_same_seed_same_images_and_save_load_round_trip(random_toy_pipeline, tmp_path):
+    pipe = random_toy_pipeline
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, progress=False, output_type="pt")
+    a = pipe("a red circle", generator=torch.Generator().manual_seed(5), **kwargs).images
+    b = pipe("a red circle", generator=torch.Generator().manual_seed(5), **kwargs).images
+    torch.testing.assert_close(a, b)
+    pipe.save_pretrained(tmp_path / "toy")
+    loaded = ToyTextToImagePipeline.from_pretrained(tmp_path / "toy")
+    c = loaded("a red circle", generator=torch.Generator().manual_seed(5), **kwargs).images
+    torch.testing.assert_close(a, c)
+    assert a.shape == (1, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+
+
+def test_toy_pipeline_batch_equals_single_runs(random_toy_pipeline):
+    pipe = random_toy_pipeline
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, progress=False, output_type="pt")
+    prompts = ["a red circle", "a blue square"]
+    batch = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], **kwargs).images
+    for i, (prompt, seed) in enumerate(zip(prompts, (1, 2), strict=True)):
+        single = pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
+        torch.testing.assert_close(batch[i : i + 1], single, atol=1e-5, rtol=1e-4)
+
+
+def test_toy_pipeline_encode_prompt_matches_stable_diffusions_contract(random_toy_pipeline, tiny_sd_pipeline):
+    for pipe in (random_toy_pipeline, tiny_sd_pipeline):
+        positive, negative = pipe.encode_prompt(["a red circle", "a square"], "cpu", 3, True)
+        assert positive.shape[0] == 6 and negative.shape == positive.shape
+        positive, negative = pipe.encode_prompt("a red circle", "cpu", 1, False)
+        assert positive.shape[0] == 1 and negative is None
+
+
+def test_toy_pipeline_bad_input(random_toy_pipeline):
+    with pytest.raises(ValueError, match="multiples of 4"):
+        random_toy_pipeline("a circle", height=30, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="output_type"):
+        random_toy_pipeline("a circle", output_type="jpeg")
+    with pytest.raises(ValueError, match="latents must have shape"):
+        random_toy_pipeline("a circle", latents=torch.zeros(1, 3, 8, 8), num_inference_steps=2, progress=False)
+
+
+def test_shipped_toyclip_reads_shape_and_colour_zero_shot():
+    from workbench.toyclip import attribute_accuracy
+    from workbench.toyworld import ToyWorld
+
+    accuracy = attribute_accuracy(zoo.load("toyclip"), ToyWorld().sample(500, 98765))
+    print("toyclip zero-shot accuracy on 500 held-out images:", accuracy)
+    assert accuracy["shape"] >= 0.9 and accuracy["colour"] >= 0.9
+
+
+def test_shipped_toy_t2i_follows_prompts():
+    from workbench.toyclip import zero_shot_classify
+    from workbench.zoo_report import sample_prompted
+
+    clip = zoo.load("toyclip")
+    images, shapes, colours = sample_prompted(zoo.load("toy-t2i"), 48, num_inference_steps=20, seed=7)
+    shape_accuracy = (zero_shot_classify(clip, images, "shape").numpy() == shapes).mean()
+    colour_accuracy = (zero_shot_classify(clip, images, "colour").numpy() == colours).mean()
+    print(f"toy-t2i prompt following on 48 samples: shape {shape_accuracy:.3f}, colour {colour_accuracy:.3f}")
+    assert shape_accuracy >= 0.8 and colour_accuracy >= 0.8
+    assert np.isfinite(images).all()

@@ -1,0 +1,147 @@
+"""Tiny, randomly initialised diffusers models built from configs, for tests and offline demos.
+
+They have the layouts of the real ones (Stable Diffusion's ``UNet2DConditionModel`` with cross-attention,
+a VAE, a CLIP text model and tokenizer) at a few thousand parameters, the way diffusers' own tests build
+them (``get_dummy_components``). The tokenizer's vocabulary is written locally: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+
+__all__ = [
+    "tiny_clip_tokenizer",
+    "tiny_stable_diffusion_pipeline",
+    "tiny_unet2d",
+    "tiny_unet2d_condition",
+]
+
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def tiny_unet2d_condition(*, seed: int = 0, sample_size: int = 32, in_channels: int = 4) -> UNet2DConditionModel:
+    """Stable Diffusion's UNet layout in miniature: two levels, cross-attention in both, 8 GroupNorm groups."""
+    return _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=2,
+            norm_num_groups=8,
+        ),
+    )
+
+
+def tiny_unet2d(*, seed: int = 0, sample_size: int = 32, in_channels: int = 3) -> UNet2DModel:
+    """A tiny ``UNet2DModel`` with self-attention at the lower level and in the mid block."""
+    return _seeded(
+        seed,
+        lambda: UNet2DModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+    )
+
+
+def tiny_clip_tokenizer(folder: str | Path):
+    """A ``CLIPTokenizer`` over a character-level vocabulary written to ``folder`` (offline)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(string.ascii_lowercase + string.digits + ".,!?'-")
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=16)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_stable_diffusion_pipeline(folder: str | Path, *, seed: int = 0) -> StableDiffusionPipeline:
+    """A tiny random ``StableDiffusionPipeline`` saved to ``folder`` and loaded back with ``from_pretrained``.
+
+    The round trip through ``save_pretrained``/``from_pretrained`` is the point: it is the same code path
+    that loads a real checkpoint by local path.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    tokenizer = tiny_clip_tokenizer(folder / "_tokenizer_source")
+    text_encoder = _seeded(
+        seed + 1,
+        lambda: CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=16,
+                layer_norm_eps=1e-5,
+            )
+        ),
+    )
+    vae = _seeded(
+        seed + 2,
+        lambda: AutoencoderKL(
+            block_out_channels=(16, 32),
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            sample_size=32,
+        ),
+    )
+    pipe = StableDiffusionPipeline(
+        unet=tiny_unet2d_condition(seed=seed, sample_size=16),
+        scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder / "pipeline", safe_serialization=True)
+    loaded = StableDiffusionPipeline.from_pretrained(folder / "pipeline", use_safetensors=True)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def tiny_ddpm_scheduler() -> DDPMScheduler:
+    """Stable Diffusion's training schedule, for tests that add noise."""
+    return DDPMScheduler(**SD_SCHEDULE, clip_sample=False)
