@@ -130,3 +130,11 @@ def test_shipped_toy_t2i_follows_prompts():
     print(f"toy-t2i prompt following on 48 samples: shape {shape_accuracy:.3f}, colour {colour_accuracy:.3f}")
     assert shape_accuracy >= 0.8 and colour_accuracy >= 0.8
     assert np.isfinite(images).all()
+
+
+def test_toyclip_rejects_wrong_image_sizes(random_toy_pipeline):
+    clip = random_toy_pipeline.text_encoder
+    with pytest.raises(ValueError, match="32x32"):
+        clip.encode_image(torch.zeros(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        clip.encode_image(torch.zeros(2, 1, 32, 32))

@@ -164,6 +164,7 @@ def train_toyclip(
     out_dir: str | Path,
     *,
     steps: int = 1600,
+    vision_steps: int = 800,
     batch_size: int = 128,
     learning_rate: float = 1e-3,
     warmup_steps: int = 100,
@@ -174,26 +175,42 @@ def train_toyclip(
 ) -> ToyCLIPModel:
     """Train the toy CLIP from scratch (or resume) with open_clip's contrastive ``ClipLoss``.
 
+    Two stages: ``steps`` joint steps, then ``vision_steps`` with the text tower locked (only the image
+    tower and the temperature learn). The joint stage alone left circles and squares of the same size
+    confused (75 % zero-shot shape accuracy); the locked-text stage sharpens the image tower without
+    changing a single text weight, so the text-to-image model, which reads only the text tower, is
+    unaffected by it.
+
     Training state (weights, AdamW moments, data RNG) goes to ``state_dir`` every ``checkpoint_every``
     steps; a rerun with the same arguments resumes from it. The final model is saved to ``out_dir``
     (fp16 safetensors + config.json) with a ``training.json`` that records the arguments.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if vision_steps < 0:
+        raise ValueError(f"vision_steps must be >= 0, got {vision_steps}")
+    total = steps + vision_steps
     out_dir = Path(out_dir)
     state_path = Path(state_dir or Path("runs") / out_dir.name) / "state.safetensors"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ToyCLIPModel()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, steps))
+    joint_factor, vision_factor = warmup_cosine(warmup_steps, steps), warmup_cosine(50, max(1, vision_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: joint_factor(step) if step < steps else 0.5 * vision_factor(step - steps)
+    )
     data_rng = np.random.default_rng(seed)
     world = ToyWorld()
     start = checkpoint.load_training_state(state_path, model, optimizer, schedule, data_rng)
+    for group, base_lr in zip(optimizer.param_groups, schedule.base_lrs, strict=True):
+        group["lr"] = base_lr * schedule.lr_lambdas[0](start)  # the learning rate is the schedule's, not the file's
     loss_fn = ClipLoss()
     model.train()
-    progress = trange(start, steps, initial=start, total=steps, desc="toyclip")
+    progress = trange(start, total, initial=start, total=total, desc="toyclip")
     for step in progress:
+        if step == max(start, steps):
+            _lock_text_tower(model)
         batch = world.sample(batch_size, data_rng, caption_dropout=caption_dropout)
         images = torch.from_numpy(batch.images)
         tokens = model.tokenize(batch.captions)
@@ -207,7 +224,7 @@ def train_toyclip(
         with torch.no_grad():  # CLIP's clamp of the temperature
             model.clip.logit_scale.clamp_(0, math.log(100))
         progress.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+        if (step + 1) % checkpoint_every == 0 or step + 1 == total:
             checkpoint.save_training_state(state_path, model, optimizer, schedule, data_rng, step + 1)
     model.eval()
     accuracy = attribute_accuracy(model, ToyWorld().sample(2000, np.random.default_rng(10_000 + seed)))
@@ -218,6 +235,7 @@ def train_toyclip(
         training=dict(
             command=f"python -m workbench zoo train toyclip --steps {steps} --seed {seed}",
             steps=steps,
+            vision_steps=vision_steps,
             batch_size=batch_size,
             learning_rate=learning_rate,
             caption_dropout=caption_dropout,
@@ -226,6 +244,13 @@ def train_toyclip(
         ),
     )
     return model
+
+
+def _lock_text_tower(model: ToyCLIPModel) -> None:
+    """Freeze every text-side weight (AdamW then skips them: their grads stay None)."""
+    for name, parameter in model.clip.named_parameters():
+        if not name.startswith("visual.") and name != "logit_scale":
+            parameter.requires_grad_(False)
 
 
 def read_training_record(model_dir: str | Path) -> dict:

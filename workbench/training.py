@@ -33,7 +33,7 @@ __all__ = ["EMA", "DiffusionStep", "DiffusionTrainConfig", "train_diffusion", "w
 
 @dataclass(frozen=True)
 class DiffusionTrainConfig:
-    steps: int = 6000
+    steps: int = 3000
     batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 200

@@ -199,14 +199,14 @@ ZOO: dict[str, ZooEntry] = {
     "toy-t2i": ZooEntry(
         "toy-t2i",
         "pixel UNet2DConditionModel (32,64,64) on toyclip text, SD schedule",
-        6000,
+        3000,
         _train_toy_t2i,
         _load_toy_t2i,
     ),
     "toy-uncond": ZooEntry(
         "toy-uncond",
         "UNet2DModel (32,64,64) on the biased world, SD schedule",
-        4000,
+        2500,
         _train_toy_uncond,
         _load_toy_uncond,
     ),

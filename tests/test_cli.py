@@ -1,0 +1,66 @@
+"""The command line and the reproduction report skeleton."""
+
+import subprocess
+import sys
+
+import pytest
+
+from workbench.reproduce import SECTIONS, ReproSection, run_reproduction
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_zoo_list_shows_every_model_as_shipped():
+    result = _run("zoo", "list")
+    assert result.returncode == 0, result.stderr
+    for name in ("toyclip", "toy-t2i", "toy-uncond"):
+        assert f"{name}" in result.stdout
+    assert "not trained" not in result.stdout
+
+
+def test_zoo_load_describes_the_model():
+    result = _run("zoo", "load", "toy-uncond")
+    assert result.returncode == 0, result.stderr
+    assert "UNet2DModel" in result.stdout and "python -m workbench zoo train toy-uncond" in result.stdout
+
+
+def test_unknown_names_are_clear_errors():
+    result = _run("zoo", "load", "toy-gan")
+    assert result.returncode != 0 and "must be one of the zoo models" in result.stderr
+    result = _run("reproduce", "--quick", "--only", "nothing")
+    assert result.returncode != 0 and "unknown section" in result.stderr
+    result = _run("bench", "nothing")
+    assert result.returncode != 0 and "usage" in result.stderr
+
+
+def test_bench_toyworld_prints_the_machine_and_the_rate():
+    result = _run("bench", "toyworld", "--n", "500", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("machine: ") and "images/s" in result.stdout
+
+
+def test_reproduction_report_has_the_zoo_section(tmp_path):
+    report = run_reproduction(quick=True, only=["zoo"], out_dir=tmp_path)
+    text = report.read_text()
+    assert "## The toy world and the zoo" in text and "| model | figure | value |" in text
+    assert (tmp_path / "zoo" / "toy_t2i_samples.png").is_file()
+    assert "toy_t2i_samples.png" in text
+
+
+def test_section_markdown_lists_rows_and_figures(tmp_path):
+    figure = tmp_path / "s" / "f.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"")
+    section = ReproSection("T", "claim", [{"a": 1.23456, "b": "x|y"}], "holds", [figure])
+    text = section.to_markdown(tmp_path)
+    assert "| a | b |" in text and "| 1.235 | x\\|y |" in text and "![f](s/f.png)" in text
+
+
+@pytest.mark.parametrize("name", sorted(SECTIONS))
+def test_every_section_names_an_importable_function(name):
+    import importlib
+
+    module_name, function_name = SECTIONS[name].split(":")
+    assert callable(getattr(importlib.import_module(module_name), function_name))
