@@ -31,7 +31,8 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: setup lint
-	WORKBENCH_QUICK=1 $(BIN)/python -m pytest --nbval-lax -q tests notebooks
+	# One thread per process: the distributed tests run several processes on few cores.
+	WORKBENCH_QUICK=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest --nbval-lax -q tests notebooks
 
 reproduce: setup
 	$(BIN)/python -m workbench reproduce

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
+from IPython.display import display
 
 from workbench.plots.toyworld import biased_world_figure, prompt_samples_figure
 from workbench.toyworld import ATTRIBUTES
@@ -25,7 +26,8 @@ def show_figure(output: w.Output, make_figure) -> None:
         except ValueError as error:
             print(f"error: {error}")
             return
-        plt.show(fig)
+        display(fig)
+        plt.close(fig)  # drawn once, by display, not again by the inline backend
 
 
 def bias_panel(attribute: str = "shape", *, n: int = 48, seed: int = 0) -> w.VBox:
