@@ -128,7 +128,7 @@ def tiny_stable_diffusion_pipeline(folder: str | Path, *, seed: int = 0) -> Stab
     )
     pipe = StableDiffusionPipeline(
         unet=tiny_unet2d_condition(seed=seed, sample_size=16),
-        scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE),
+        scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE, steps_offset=1),  # as Stable Diffusion ships it
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -206,7 +206,7 @@ ZOO: dict[str, ZooEntry] = {
     "toy-uncond": ZooEntry(
         "toy-uncond",
         "UNet2DModel (32,64,64) on the biased world, SD schedule",
-        2500,
+        2000,
         _train_toy_uncond,
         _load_toy_uncond,
     ),
