@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import SchedulerMixin
+from diffusers import SchedulerMixin, UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -39,8 +39,12 @@ def set_timesteps(
 ) -> torch.Tensor:
     """Reset ``scheduler`` for a new run with ``num_inference_steps`` or an explicit descending ``timesteps``.
 
-    Custom timesteps go through ``set_timesteps(timesteps=...)`` where the scheduler accepts it; they must
-    be strictly decreasing integers in [0, num_train_timesteps).
+    Custom timesteps must be strictly decreasing integers in [0, num_train_timesteps). They go through
+    ``set_timesteps(timesteps=...)`` where the scheduler accepts it (DPMSolverMultistep, Euler, DDPM, ...).
+    ``UniPCMultistepScheduler`` takes custom sigmas only for flow models, so for it the run is reset with
+    ``set_timesteps(len(timesteps))`` and then its ``timesteps`` and ``sigmas`` are overwritten with the
+    requested points (sigma from ``alphas_cumprod`` at each timestep, then the final sigma of
+    ``final_sigmas_type``), the same arrays its own ``set_timesteps`` builds.
 
     Returns:
         ``scheduler.timesteps``.
@@ -61,10 +65,39 @@ def set_timesteps(
     num_train = scheduler.config.num_train_timesteps
     if any(b >= a for a, b in itertools.pairwise(values)) or values[0] >= num_train or values[-1] < 0:
         raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train}), got {values}")
-    if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+    if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(timesteps=values, device=device)
+    elif isinstance(scheduler, UniPCMultistepScheduler):
+        _unipc_set_custom_timesteps(scheduler, values, device)
+    else:
         raise TypeError(f"{type(scheduler).__name__}.set_timesteps takes no custom timesteps")
-    scheduler.set_timesteps(timesteps=values, device=device)
     return scheduler.timesteps
+
+
+def _unipc_set_custom_timesteps(
+    scheduler: UniPCMultistepScheduler, values: list[int], device: torch.device | str | None
+) -> None:
+    config = scheduler.config
+    for flag in (
+        "use_flow_sigmas",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "use_dynamic_shifting",
+    ):
+        if config.get(flag, False):
+            raise ValueError(f"timesteps: cannot set custom timesteps on a UniPC scheduler with {flag}=True")
+    if scheduler.solver_p is not None:
+        raise ValueError("timesteps: cannot set custom timesteps on a UniPC scheduler with a solver_p")
+    if config.final_sigmas_type not in ("sigma_min", "zero"):
+        raise ValueError(f"final_sigmas_type must be 'sigma_min' or 'zero', got {config.final_sigmas_type!r}")
+    scheduler.set_timesteps(len(values), device=device)  # resets model_outputs, lower_order_nums, step_index
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    final = train_sigmas[:1] if config.final_sigmas_type == "sigma_min" else torch.zeros(1, dtype=torch.float64)
+    scheduler.sigmas = torch.cat([train_sigmas[values], final]).float()  # on CPU, as diffusers keeps them
+    scheduler.timesteps = torch.tensor(values, dtype=torch.int64, device=device)
+    scheduler.num_inference_steps = len(values)
 
 
 def initial_noise(
