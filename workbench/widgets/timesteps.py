@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import ipywidgets as w
-import matplotlib.pyplot as plt
-from IPython.display import display
-from matplotlib.figure import Figure
 
 from workbench.plots.timesteps import sample_rows_figure, schedules_figure
 from workbench.timesteps import BASELINES, SOLVERS, NoiseSchedule, StepOptimConfig
 from workbench.timesteps.experiment import compare_samples, compare_schedules
+from workbench.widgets import show_figure
 
 __all__ = ["schedule_panel"]
-
-
-def show_figure(output: w.Output, make_figure: Callable[[], Figure]) -> None:
-    """Replace ``output``'s content by the figure ``make_figure()`` returns; a ValueError (bad knob
-    settings, e.g. N below the order) is shown as a message instead."""
-    with output:
-        output.clear_output(wait=True)
-        try:
-            fig = make_figure()
-        except ValueError as error:
-            print(f"error: {error}")
-            return
-        display(fig)  # works under any matplotlib backend, unlike plt.show(fig)
-        plt.close(fig)
 
 
 def schedule_panel(
