@@ -61,14 +61,7 @@ def metric_curves_figure(
     rows: Sequence[Mapping[str, object]], metric: str, *, axes: Sequence[plt.Axes] | None = None, log: bool = True
 ) -> Figure:
     """``metric`` against N, one panel per solver, one line per schedule (rows of ``ExperimentResult``)."""
-    rows = [r for r in rows if r.get(metric) is not None]
-    if not rows:
-        raise ValueError(f"no rows carry a value for metric {metric!r}")
-    solvers = list(dict.fromkeys((r["solver"], r["order"]) for r in rows))
-    if axes is None:
-        fig, axes = plt.subplots(1, len(solvers), figsize=(5.2 * len(solvers), 3.8), squeeze=False)
-        axes = axes[0]
-    fig = axes[0].figure
+    rows, solvers, axes, fig = _solver_panels(rows, metric, axes)
     for ax, (solver, order) in zip(axes, solvers, strict=True):
         mine = [r for r in rows if (r["solver"], r["order"]) == (solver, order)]
         for index, name in enumerate(dict.fromkeys(r["schedule"] for r in mine)):
@@ -92,14 +85,7 @@ def bound_vs_metric_figure(
 ) -> Figure:
     """Does the bound predict the measurement? ``metric`` against the bound F, one point per (N, schedule),
     one panel per solver, colour by schedule, N written beside each point (log-log)."""
-    rows = [r for r in rows if r.get(metric) is not None]
-    if not rows:
-        raise ValueError(f"no rows carry a value for metric {metric!r}")
-    solvers = list(dict.fromkeys((r["solver"], r["order"]) for r in rows))
-    if axes is None:
-        fig, axes = plt.subplots(1, len(solvers), figsize=(5.2 * len(solvers), 3.8), squeeze=False)
-        axes = axes[0]
-    fig = axes[0].figure
+    rows, solvers, axes, fig = _solver_panels(rows, metric, axes)
     for ax, (solver, order) in zip(axes, solvers, strict=True):
         mine = [r for r in rows if (r["solver"], r["order"]) == (solver, order)]
         for index, name in enumerate(dict.fromkeys(r["schedule"] for r in mine)):
@@ -135,3 +121,15 @@ def sample_rows_figure(images_by_name: Mapping[str, torch.Tensor | np.ndarray], 
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _solver_panels(rows, metric, axes):
+    """The rows that carry ``metric``, their (solver, order) pairs, and one axis per pair."""
+    rows = [r for r in rows if r.get(metric) is not None]
+    if not rows:
+        raise ValueError(f"no rows carry a value for metric {metric!r}")
+    solvers = list(dict.fromkeys((r["solver"], r["order"]) for r in rows))
+    if axes is None:
+        _, axes = plt.subplots(1, len(solvers), figsize=(5.2 * len(solvers), 3.8), squeeze=False)
+        axes = axes[0]
+    return rows, solvers, axes, axes[0].figure
