@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from workbench import checkpoint
 from workbench.testing import tiny_ddpm_scheduler, tiny_unet2d
 from workbench.toyworld import ToyWorld
 from workbench.training import DiffusionTrainConfig, train_diffusion
@@ -39,6 +40,16 @@ def test_resumed_training_equals_unbroken_training(tmp_path):
     )
     for (name, a), (_, b) in zip(unbroken.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_segments_record_how_a_state_was_trained(tmp_path):
+    state = tmp_path / "state.safetensors"
+    for steps in (2, 2, 4):  # a run, a resume of the finished run (no-op), then a longer schedule on top
+        train_diffusion(
+            tiny_unet2d(sample_size=16), tiny_ddpm_scheduler(), WORLD, config=_config(steps), state_path=state
+        )
+    assert checkpoint.read_segments(state) == [{"from_step": 0, "steps": 2}, {"from_step": 2, "steps": 4}]
+    assert checkpoint.read_segments(tmp_path / "missing.safetensors") == []
 
 
 def test_extra_loss_terms_are_added_and_see_the_step(tmp_path):

@@ -148,3 +148,21 @@ def test_toyclip_rejects_wrong_image_sizes(random_toy_pipeline):
         clip.encode_image(torch.zeros(2, 3, 64, 64))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         clip.encode_image(torch.zeros(2, 1, 32, 32))
+
+
+def test_zero_shot_over_a_subset_of_values_renormalises_the_full_softmax(random_toy_pipeline):
+    from workbench.toyclip import zero_shot_probabilities
+
+    clip = random_toy_pipeline.text_encoder
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    subset = zero_shot_probabilities(clip, images, "shape", values=("circle", "square"))
+    full = zero_shot_probabilities(clip, images, "shape")  # circle, square, triangle
+    torch.testing.assert_close(subset, full[:, :2] / full[:, :2].sum(dim=1, keepdim=True))
+    for values in (("circle", "hexagon"), ("circle",), ("circle", "circle")):
+        with pytest.raises(ValueError, match="values must be two or more distinct shape values"):
+            zero_shot_probabilities(clip, images, "shape", values=values)
+
+
+def test_train_rejects_options_the_model_does_not_take(tmp_path):
+    with pytest.raises(TypeError, match=r"takes options \[\], got \['vision_steps'\]"):
+        zoo.train("toy-t2i", vision_steps=100, out_dir=tmp_path)

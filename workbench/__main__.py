@@ -31,7 +31,8 @@ def _zoo(args: argparse.Namespace) -> None:
             shipped = "shipped" if folder.is_dir() else "not trained"
             print(f"{name:12s} {shipped:12s} {entry.description}")
     elif args.action == "train":
-        path = zoo.train(args.name, steps=args.steps, seed=args.seed)
+        options = {} if args.vision_steps is None else {"vision_steps": args.vision_steps}
+        path = zoo.train(args.name, steps=args.steps, seed=args.seed, **options)
         print(f"saved {args.name} to {path}")
     elif args.action == "load":
         model = zoo.load(args.name)
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("name")
     train.add_argument("--steps", type=int, default=None, help="default: the zoo entry's")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vision-steps", type=int, default=None, help="toyclip only: locked-text steps (default 800)")
     load = zoo_actions.add_parser("load")
     load.add_argument("name")
     evaluate = zoo_actions.add_parser("evaluate")

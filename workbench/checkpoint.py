@@ -3,6 +3,11 @@
 Everything goes through safetensors (no pickle). A training state file holds the model weights, any
 extra modules (an EMA copy), the optimizer's moments, and in its metadata the optimizer's hyper-parameters,
 the learning-rate schedule, the data RNG state and the step, so a killed run resumes where it stopped.
+
+A state also carries its *segments*: one entry per run that trained it, with the step it started from
+and the run's settings. A killed run resumed with the same settings stays one segment; a finished
+model trained further with a longer schedule (``--steps 6000`` on a 3000-step state) gets a second
+segment, so ``training.json`` says exactly how the shipped weights came about.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["load_training_state", "save_model", "save_training_state"]
+__all__ = ["continue_segments", "load_training_state", "read_segments", "save_model", "save_training_state"]
 
 
 def save_model(model, out_dir: str | Path, *, training: Mapping | None = None, dtype=torch.float16) -> Path:
@@ -39,8 +44,9 @@ def save_training_state(
     step: int,
     *,
     extra_modules: Mapping[str, torch.nn.Module] | None = None,
+    segments: list[dict] | None = None,
 ) -> None:
-    """Write everything a resume needs to one safetensors file (atomically)."""
+    """Write everything a resume needs to one safetensors file (atomically), with the run's ``segments``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -55,6 +61,7 @@ def save_training_state(
         "param_groups": json.dumps(optimizer_state["param_groups"]),
         "schedule": json.dumps(schedule.state_dict()),
         "rng": json.dumps(rng.bit_generator.state),
+        "segments": json.dumps(segments or []),
     }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata=metadata)
@@ -100,3 +107,35 @@ def load_training_state(
     schedule.load_state_dict(json.loads(metadata["schedule"]))
     rng.bit_generator.state = json.loads(metadata["rng"])
     return int(metadata["step"])
+
+
+def read_segments(path: str | Path) -> list[dict]:
+    """The segments recorded in a training state (``[]`` when there is no state).
+
+    States written before segments were kept get one segment ``{"from_step": 0, "to_step": step}``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"training state {path} is corrupt ({error}); delete it to start from scratch") from error
+    if "segments" in metadata:
+        return json.loads(metadata["segments"])
+    return [{"from_step": 0, "to_step": int(metadata["step"])}]
+
+
+def continue_segments(path: str | Path, start: int, settings: Mapping) -> list[dict]:
+    """The segments after this run starts at ``start`` with ``settings`` (e.g. ``{"steps": 6000}``).
+
+    A resume with the settings of the last segment continues it; anything else opens a new segment.
+    """
+    segments = read_segments(path) if start > 0 else []
+    current = {"from_step": start, **settings}
+    if segments and {k: v for k, v in segments[-1].items() if k != "from_step"} == dict(settings):
+        return segments
+    return [*segments, current]

@@ -130,25 +130,45 @@ class ToyCLIPModel(ModelMixin, ConfigMixin):
 
 @torch.no_grad()
 def zero_shot_classify(
-    model: ToyCLIPModel, images: torch.Tensor | np.ndarray, attribute: str, *, batch_size: int = 512
+    model: ToyCLIPModel,
+    images: torch.Tensor | np.ndarray,
+    attribute: str,
+    *,
+    values: Sequence[str] | None = None,
+    batch_size: int = 512,
 ) -> torch.Tensor:
     """Classify one attribute by the nearest caption ("a red shape", "a circle", ...).
 
+    Args:
+        values: the candidate values (default: all of ``ATTRIBUTES[attribute]``); e.g. ("circle", "square")
+            for a world that has no triangles.
+
     Returns:
-        int64 (N,) indices into ``ATTRIBUTES[attribute]``.
+        int64 (N,) indices into ``values``.
     """
-    return zero_shot_probabilities(model, images, attribute, batch_size=batch_size).argmax(dim=1)
+    return zero_shot_probabilities(model, images, attribute, values=values, batch_size=batch_size).argmax(dim=1)
 
 
 @torch.no_grad()
 def zero_shot_probabilities(
-    model: ToyCLIPModel, images: torch.Tensor | np.ndarray, attribute: str, *, batch_size: int = 512
+    model: ToyCLIPModel,
+    images: torch.Tensor | np.ndarray,
+    attribute: str,
+    *,
+    values: Sequence[str] | None = None,
+    batch_size: int = 512,
 ) -> torch.Tensor:
-    """Softmax over the attribute's values of CLIP's image-caption similarity, (N, num_values)."""
+    """Softmax over ``values`` (default: all the attribute's) of CLIP's image-caption similarity, (N, len)."""
     if attribute not in ATTRIBUTES:
         raise ValueError(f"attribute must be one of {sorted(ATTRIBUTES)}, got {attribute!r}")
+    values = tuple(ATTRIBUTES[attribute]) if values is None else tuple(values)
+    unknown = [v for v in values if v not in ATTRIBUTES[attribute]]
+    if unknown or len(set(values)) < 2 or len(set(values)) != len(values):
+        raise ValueError(
+            f"values must be two or more distinct {attribute} values from {ATTRIBUTES[attribute]}, got {values}"
+        )
     images = torch.as_tensor(images)
-    text = model.encode_text([caption({attribute: v}) for v in ATTRIBUTES[attribute]])
+    text = model.encode_text([caption({attribute: v}) for v in values])
     scale = model.clip.logit_scale.exp()
     chunks = [(scale * model.encode_image(chunk) @ text.T).softmax(dim=1) for chunk in images.split(batch_size)]
     return torch.cat(chunks).float().cpu()
@@ -203,6 +223,7 @@ def train_toyclip(
     data_rng = np.random.default_rng(seed)
     world = ToyWorld()
     start = checkpoint.load_training_state(state_path, model, optimizer, schedule, data_rng)
+    segments = checkpoint.continue_segments(state_path, start, {"steps": steps, "vision_steps": vision_steps})
     for group, base_lr in zip(optimizer.param_groups, schedule.base_lrs, strict=True):
         group["lr"] = base_lr * schedule.lr_lambdas[0](start)  # the learning rate is the schedule's, not the file's
     loss_fn = ClipLoss()
@@ -225,7 +246,9 @@ def train_toyclip(
             model.clip.logit_scale.clamp_(0, math.log(100))
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-            checkpoint.save_training_state(state_path, model, optimizer, schedule, data_rng, step + 1)
+            checkpoint.save_training_state(
+                state_path, model, optimizer, schedule, data_rng, step + 1, segments=segments
+            )
     model.eval()
     accuracy = attribute_accuracy(model, ToyWorld().sample(2000, np.random.default_rng(10_000 + seed)))
     logger.info("toyclip zero-shot accuracy: %s", accuracy)
@@ -233,7 +256,8 @@ def train_toyclip(
         model,
         out_dir,
         training=dict(
-            command=f"python -m workbench zoo train toyclip --steps {steps} --seed {seed}",
+            command=f"python -m workbench zoo train toyclip --steps {steps} --vision-steps {vision_steps} "
+            f"--seed {seed}",
             steps=steps,
             vision_steps=vision_steps,
             batch_size=batch_size,
@@ -241,6 +265,7 @@ def train_toyclip(
             caption_dropout=caption_dropout,
             seed=seed,
             zero_shot_accuracy=accuracy,
+            segments=segments,
         ),
     )
     return model

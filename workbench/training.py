@@ -133,6 +133,9 @@ def train_diffusion(
     noise_generator = torch.Generator().manual_seed(config.seed)
     ema = EMA(unet, config.ema_decay)
     start = checkpoint.load_training_state(state_path, unet, optimizer, schedule, rng, extra_modules={"ema": ema.model})
+    segments = checkpoint.continue_segments(state_path, start, {"steps": config.steps})
+    for group, base_lr in zip(optimizer.param_groups, schedule.base_lrs, strict=True):
+        group["lr"] = base_lr * schedule.lr_lambdas[0](start)  # the current schedule's, not the file's
     ema.updates = start
     # The noise stream is re-seeded per step so a resumed run draws the same noise as an unbroken one.
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
@@ -174,7 +177,14 @@ def train_diffusion(
         progress.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             checkpoint.save_training_state(
-                state_path, unet, optimizer, schedule, rng, step + 1, extra_modules={"ema": ema.model}
+                state_path,
+                unet,
+                optimizer,
+                schedule,
+                rng,
+                step + 1,
+                extra_modules={"ema": ema.model},
+                segments=segments,
             )
     unet.eval()
     return ema.model

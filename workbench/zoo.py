@@ -18,6 +18,7 @@ checkpoint raises, it never falls back to random weights.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -122,8 +123,8 @@ def build_toy_uncond_unet(*, seed: int = 0) -> UNet2DModel:
         )
 
 
-def _train_toyclip(out_dir: Path, *, steps: int, seed: int, state_dir: Path) -> None:
-    train_toyclip(out_dir, steps=steps, seed=seed, state_dir=state_dir)
+def _train_toyclip(out_dir: Path, *, steps: int, seed: int, state_dir: Path, vision_steps: int = 800) -> None:
+    train_toyclip(out_dir, steps=steps, vision_steps=vision_steps, seed=seed, state_dir=state_dir)
 
 
 def _train_toy_t2i(out_dir: Path, *, steps: int, seed: int, state_dir: Path) -> None:
@@ -139,7 +140,7 @@ def _train_toy_t2i(out_dir: Path, *, steps: int, seed: int, state_dir: Path) -> 
         description="toy-t2i",
     )
     pipe = ToyTextToImagePipeline(unet=unet, scheduler=sampling_scheduler(), text_encoder=text_encoder)
-    _save_pipeline(pipe, out_dir, {"unet": unet}, _record("toy-t2i", config))
+    _save_pipeline(pipe, out_dir, {"unet": unet}, _record("toy-t2i", config, state_dir))
     # The text encoder is the zoo's toyclip: link it rather than store a second copy.
     link = out_dir / "text_encoder"
     if not link.exists():
@@ -157,14 +158,17 @@ def _train_toy_uncond(out_dir: Path, *, steps: int, seed: int, state_dir: Path) 
         description="toy-uncond",
     )
     pipe = DDPMPipeline(unet=unet, scheduler=sampling_scheduler())
-    record = _record("toy-uncond", config) | {"world_bias": {k: dict(v) for k, v in BIASED_WORLD.bias.items()}}
+    record = _record("toy-uncond", config, state_dir) | {
+        "world_bias": {k: dict(v) for k, v in BIASED_WORLD.bias.items()}
+    }
     _save_pipeline(pipe, out_dir, {"unet": unet}, record)
 
 
-def _record(name: str, config: DiffusionTrainConfig) -> dict:
+def _record(name: str, config: DiffusionTrainConfig, state_dir: Path) -> dict:
     return {
         "command": f"python -m workbench zoo train {name} --steps {config.steps} --seed {config.seed}",
         "config": config_record(config),
+        "segments": checkpoint.read_segments(state_dir / "state.safetensors"),
         "torch": torch.__version__,
     }
 
@@ -219,11 +223,18 @@ def _entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
-def train(name: str, *, steps: int | None = None, seed: int = 0, out_dir: str | Path | None = None) -> Path:
-    """Train zoo model ``name`` from scratch (resuming from ``runs/NAME`` if a state is there)."""
+def train(name: str, *, steps: int | None = None, seed: int = 0, out_dir: str | Path | None = None, **options) -> Path:
+    """Train zoo model ``name`` from scratch (resuming from ``runs/NAME`` if a state is there).
+
+    A state from a finished run with fewer ``steps`` is trained further (a second segment in
+    ``training.json``). ``options`` are entry-specific: ``vision_steps`` for toyclip.
+    """
     entry = _entry(name)
+    allowed = set(inspect.signature(entry.train).parameters) - {"out_dir", "steps", "seed", "state_dir"}
+    if unknown := set(options) - allowed:
+        raise TypeError(f"zoo model {name!r} takes options {sorted(allowed)}, got {sorted(unknown)}")
     out = Path(out_dir) if out_dir is not None else DATA_DIR / name
-    entry.train(out, steps=steps or entry.default_steps, seed=seed, state_dir=RUNS_DIR / name)
+    entry.train(out, steps=steps or entry.default_steps, seed=seed, state_dir=RUNS_DIR / name, **options)
     return out
 
 

@@ -12,7 +12,6 @@ synchronous patch parallelism but hidden behind computation.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 from diffusers import DDPMPipeline, DiffusionPipeline
 
 from workbench.distrifusion.config import Mode, PatchParallelConfig
-from workbench.distrifusion.runner import generate, launch_generation, load_generation_pipeline
+from workbench.distrifusion.runner import generate, launch_generation
 from workbench.distrifusion.simulate import StalenessRecord, measure_staleness
 from workbench.metrics import psnr
 from workbench.sampling import initial_noise
@@ -36,7 +35,6 @@ __all__ = [
     "staleness",
 ]
 
-logger = logging.getLogger(__name__)
 
 # The paper's Table 1 (SDXL, 1024^2, PSNR against the single-device image, dB), for the report.
 PAPER_PSNR = {
@@ -47,31 +45,20 @@ PAPER_PSNR = {
 }
 
 
-def load_demo_pipeline(*, allow_random: bool = False) -> tuple[DiffusionPipeline, str, str]:
+def load_demo_pipeline() -> tuple[DiffusionPipeline, str, str]:
     """The trained unconditional toy model (``data/toy-uncond``), its model name and its label.
 
-    Args:
-        allow_random: when the trained model is missing, return the same architecture with random
-            weights, labelled "random-init (untrained)", instead of raising. A random model shows the
-            mechanics (exactness, communication) but says nothing about image quality.
-
     Returns:
-        ``(pipeline, model, label)``: ``model`` names it for :func:`~workbench.distrifusion.runner.launch_generation`
-        ("toy-uncond" or "random:toy-uncond").
+        ``(pipeline, model, label)``: ``model`` names it for :func:`~workbench.distrifusion.runner.launch_generation`.
 
     Raises:
-        FileNotFoundError: the trained model is missing and ``allow_random`` is False.
+        FileNotFoundError: the trained model is missing (the message gives the training command). For
+            the mechanics alone, ``load_generation_pipeline("random:toy-uncond")`` is the same
+            architecture with random weights, labelled as such.
     """
     from workbench import zoo
 
-    try:
-        return zoo.load("toy-uncond"), "toy-uncond", "toy-uncond (trained)"
-    except FileNotFoundError:
-        if not allow_random:
-            raise
-        logger.warning("data/toy-uncond is missing: using the random-init toy-uncond architecture")
-        pipe, label = load_generation_pipeline("random:toy-uncond")
-        return pipe, "random:toy-uncond", label
+    return zoo.load("toy-uncond"), "toy-uncond", "toy-uncond (trained)"
 
 
 @dataclass
