@@ -447,3 +447,14 @@ def test_stable_diffusion_pipeline_runs_unchanged_inside_the_block(tiny_sd_pipel
     with simulate_patch_parallel(pipe.unet, PatchParallelConfig(mode="full_sync", split_batch=False), num_devices=2):
         output = images()
     assert _close(output, reference)
+
+
+def test_bench_scaling_table_prints_speedup_against_ideal(capsys):
+    from workbench.benchmarks.distrifusion import _scaling_table
+
+    _scaling_table("random:toy-uncond", "random-init", [64], [2, 64], repeats=1)
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.split()[:2] == ["64", "2"])
+    speedup, of_ideal = float(row[4]), float(row[5].rstrip("%")) / 100
+    assert 1.0 < speedup < 2.5 and of_ideal == pytest.approx(speedup / 2, abs=0.01)
+    assert "64 64 refused" in " ".join(out.split())  # 64 patches of one row: too thin for the UNet

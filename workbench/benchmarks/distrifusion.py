@@ -136,6 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-steps", type=int, default=4)
     parser.add_argument("--large", type=int, default=128, help="side of the larger canvas")
     parser.add_argument("--quick", action="store_true", help="fewer modes and steps (also WORKBENCH_QUICK=1)")
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        nargs="*",
+        default=None,
+        help="canvas sides of the compute-scaling table (default 128 256 512)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
     quick = args.quick or quick_mode()
@@ -165,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for scenario in scenarios:
         rows += _bench_scenario(scenario, labels[scenario.model], args.devices, modes, steps, args.warmup_steps)
+    sizes = args.scaling if args.scaling is not None else ([64] if quick else [128, 256, 512])
+    if sizes:
+        _scaling_table(uncond, uncond_label, sizes, args.devices, repeats=3 if quick else 5)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
         print(f"written to {args.json}")
@@ -244,6 +254,35 @@ def _bench_scenario(
         "communication fully hidden (an upper bound, not a measurement)."
     )
     return rows
+
+
+def _scaling_table(model: str, label: str, sizes: list[int], devices: list[int], *, repeats: int) -> None:
+    """Modelled speed-up against canvas size: how far one rank's compute is from 1/N of the whole.
+
+    One thread throughout, so that a small patch and the whole image get the same (serial) efficiency;
+    what remains is the method's own overhead per layer (halo slabs, gathers' copies, GroupNorm statistics,
+    keys of the whole image), which a larger canvas amortises.
+    """
+    pipe, _ = load_generation_pipeline(model)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print(f"\n== compute scaling, {label}, 1 thread, best of {repeats} ==")
+    print(f"{'canvas':>8} {'N':>2} {'one device ms':>14} {'rank ms':>9} {'modelled speed-up':>17} {'of ideal':>9}")
+    try:
+        for size in sizes:
+            scenario = Scenario(f"{size}x{size}", model, size, size)
+            full_ms = _rank_compute_ms(pipe, scenario, 1, repeats=repeats)
+            for n in devices:
+                try:
+                    rank_ms = _rank_compute_ms(pipe, scenario, n, repeats=repeats)
+                except ValueError as error:
+                    print(f"{size:>8} {n:>2} refused: {str(error)[:100]}")
+                    continue
+                speedup = full_ms / rank_ms
+                print(f"{size:>8} {n:>2} {full_ms:>14.1f} {rank_ms:>9.1f} {speedup:>17.2f} {speedup / n:>9.0%}")
+    finally:
+        torch.set_num_threads(previous)
+    print("of ideal = modelled speed-up / N; the target is >= 90 % (within 10 % of the N-fold reduction).")
 
 
 def _print_row(row: dict) -> None:
