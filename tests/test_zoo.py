@@ -111,10 +111,6 @@ def test_toy_pipeline_bad_input(random_toy_pipeline):
         random_toy_pipeline("a circle", latents=torch.zeros(1, 3, 8, 8), num_inference_steps=2, progress=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quality target not met yet: shape zero-shot accuracy measured 0.86-0.88 (< 0.90); see issue #2",
-)
 def test_shipped_toyclip_reads_shape_and_colour_zero_shot():
     from workbench.toyclip import attribute_accuracy
     from workbench.toyworld import ToyWorld
@@ -124,11 +120,6 @@ def test_shipped_toyclip_reads_shape_and_colour_zero_shot():
     assert accuracy["shape"] >= 0.9 and accuracy["colour"] >= 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quality target not met yet: prompted-shape accuracy measured 0.75 (< 0.80), capped by toyclip's shape "
-    "accuracy; see issue #2",
-)
 def test_shipped_toy_t2i_follows_prompts():
     from workbench.toyclip import zero_shot_classify
     from workbench.zoo_report import sample_prompted
