@@ -183,17 +183,17 @@ def _save_pipeline(pipe: DiffusionPipeline, out_dir: Path, models: dict, record:
 
 
 def _load_toyclip(path: Path) -> ToyCLIPModel:
-    return ToyCLIPModel.from_pretrained(path, torch_dtype=torch.float32, use_safetensors=True).eval()
+    return ToyCLIPModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
 
 
 def _load_toy_t2i(path: Path) -> ToyTextToImagePipeline:
     return ToyTextToImagePipeline.from_pretrained(
-        path, text_encoder=_load_toyclip(path / "text_encoder"), torch_dtype=torch.float32, use_safetensors=True
+        path, text_encoder=_load_toyclip(path / "text_encoder"), dtype=torch.float32, use_safetensors=True
     )
 
 
 def _load_toy_uncond(path: Path) -> DDPMPipeline:
-    return DDPMPipeline.from_pretrained(path, torch_dtype=torch.float32, use_safetensors=True)
+    return DDPMPipeline.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -262,7 +262,7 @@ def load_pipeline(id_or_path: str | Path, **kwargs) -> DiffusionPipeline:
 
     Real checkpoints (e.g. ``"stable-diffusion-v1-5/stable-diffusion-v1-5"`` or a folder written by
     ``save_pretrained``) load with ``DiffusionPipeline.from_pretrained(..., use_safetensors=True)``;
-    ``kwargs`` (``torch_dtype``, ``variant``, ...) pass through. Nothing falls back to random weights.
+    ``kwargs`` (``dtype``, ``variant``, ...) pass through. Nothing falls back to random weights.
     """
     name = str(id_or_path)
     if name in ZOO:

@@ -38,7 +38,11 @@ def _start_lab() -> subprocess.Popen:
     (config_dir / "labconfig" / "page_config.json").write_text(
         json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
     )
-    env = os.environ | {"WORKBENCH_QUICK": "1", "JUPYTER_CONFIG_DIR": str(config_dir)}
+    env = os.environ | {
+        "WORKBENCH_QUICK": "1",
+        "JUPYTER_CONFIG_DIR": str(config_dir),
+        "JUPYTERLAB_WORKSPACES_DIR": str(config_dir / "workspaces"),
+    }
     lab = subprocess.Popen(
         ["make", "lab", f"PORT={PORT}", f"TOKEN={TOKEN}"],
         cwd=ROOT,
@@ -63,9 +67,11 @@ def _start_lab() -> subprocess.Popen:
 
 def _check(page) -> list[str]:
     results = []
-    page.goto(f"{BASE}/lab?token={TOKEN}&reset")  # no path: make lab's default URL decides
+    # The server's root, as in the URL Jupyter prints: make lab's default URL must lead to notebook 00.
+    # (A fresh JUPYTER_CONFIG_DIR has no saved workspace to restore other tabs from.)
+    page.goto(f"{BASE}/?token={TOKEN}")
     page.wait_for_selector(f"{PANEL} .jp-CodeCell", timeout=120_000)
-    title = page.locator(".lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel").first.inner_text()
+    title = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel").first.inner_text()
     assert title == "00_toy_world.ipynb", f"JupyterLab opened {title!r}, not notebook 00"
     results.append(f"opens on {title}")
     page.wait_for_selector(IDLE, timeout=120_000)
