@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = ["continue_segments", "load_training_state", "read_segments", "save_model", "save_training_state"]
@@ -83,8 +83,6 @@ def load_training_state(
         return 0
     try:
         tensors = load_file(path)
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()
     except (SafetensorError, OSError) as error:
@@ -117,8 +115,6 @@ def read_segments(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()
