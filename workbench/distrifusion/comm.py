@@ -14,6 +14,7 @@ brings ``(k - 1) n`` bytes to every rank.
 from __future__ import annotations
 
 import datetime
+import functools
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -100,6 +101,16 @@ class PatchComm(ABC):
     @property
     def num_patches(self) -> int:
         return self.layout.num_patches
+
+    @functools.cached_property
+    def patch_rows(self) -> list[int]:
+        """``patch_index`` as Python ints (for indexing without a gather kernel)."""
+        return self.patch_index.tolist()
+
+    @functools.cached_property
+    def own_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index of each local patch's own slot in a gathered (P, Np, ...) tensor."""
+        return torch.arange(self.num_local), self.patch_index
 
     @abstractmethod
     def all_gather(self, fresh: torch.Tensor, *, kind: str, async_op: bool = False) -> PendingGather:

@@ -157,8 +157,21 @@ class _Exchanger:
 def _with_own(gathered: torch.Tensor, fresh: torch.Tensor, comm: PatchComm) -> torch.Tensor:
     """``gathered`` (P, Np, ...) with each local patch's own slot replaced by its fresh value (P, ...)."""
     out = gathered.clone()
-    out[torch.arange(comm.num_local), comm.patch_index] = fresh
+    out[comm.own_slots] = fresh
     return out
+
+
+def _neighbour_rows(gathered: torch.Tensor, patch_rows: list[int], offset: int, side: int) -> torch.Tensor:
+    """For each local patch, ``side`` (0 top, 1 bottom) rows of the patch ``offset`` away; zeros past the edge.
+
+    Plain indexing with Python ints: on a real rank (P = 1) this is a view, not a gather.
+    """
+    num_patches = gathered.shape[1]
+    rows = [
+        gathered[k, i + offset, side] if 0 <= i + offset < num_patches else gathered.new_zeros(gathered.shape[3:])
+        for k, i in enumerate(patch_rows)
+    ]
+    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
 
 
 class HaloConv2d(nn.Module):
@@ -204,12 +217,9 @@ class HaloConv2d(nn.Module):
             gathered = self.exchanger.displaced(comm, fresh)
         else:
             gathered = self.exchanger.latest(fresh)
-        # (P, Np, 2, b, C, p, W), padded with zero patches above the first and below the last.
-        zeros = gathered.new_zeros((num_local, 1, *gathered.shape[2:]))
-        padded = torch.cat([zeros, gathered, zeros], dim=1)
-        local = torch.arange(num_local)
-        above = padded[local, comm.patch_index, 1].reshape(batch, channels, p, width)  # bottom rows of the one above
-        below = padded[local, comm.patch_index + 2, 0].reshape(batch, channels, p, width)  # top rows of the one below
+        # gathered is (P, Np, 2, b, C, p, W): each patch's top and bottom rows.
+        above = _neighbour_rows(gathered, comm.patch_rows, -1, 1).reshape(batch, channels, p, width)
+        below = _neighbour_rows(gathered, comm.patch_rows, +1, 0).reshape(batch, channels, p, width)
 
         # The stock convolution (zero padding) is already right away from the patch's top and bottom
         # output rows; recomputing only those from thin slabs with the halos avoids copying the whole
@@ -243,6 +253,11 @@ class PatchGroupNorm(nn.Module):
     mean is the mean of the means and the variance is the mean of the variances plus the variance of the
     means (exact, without E[x^2] - E[x]^2 cancellation). The corrected asynchronous mode works on the
     moments E[x], E[x^2] as the paper does. Input may be (B, C, H, W) or tokens (B, C, L).
+
+    Two passes over the activation, as few as the exchange allows: one fused pass for the patch's
+    statistics (``torch.native_group_norm``), one that normalises with the whole-image statistics and
+    applies the affine (``batch_norm`` in inference mode, one running mean and variance per
+    sample-channel). Spelled out in elementwise ops the same layer costs five passes.
     """
 
     def __init__(self, norm: nn.GroupNorm, context: LayerContext):
@@ -254,33 +269,38 @@ class PatchGroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         comm = self.context.require_comm()
         norm = self.norm
-        num_local, groups = comm.num_local, norm.num_groups
-        grouped = x.reshape(x.shape[0], groups, -1).float()
-        # Two passes (mean, then mean squared deviation): exact like nn.GroupNorm, and much faster on CPU
-        # than torch.var_mean over the last dimension.
-        mean = grouped.mean(dim=-1)  # (P * b, G)
-        var = (grouped - mean.unsqueeze(-1)).square().mean(dim=-1)
-        local = torch.stack([mean, var], dim=-1).reshape(num_local, -1, groups, 2)  # (P, b, G, 2)
         phase = self.context.norm_phase()
         if phase == "local":
-            g_mean, g_var = mean, var
-        elif phase == "sync":
+            return norm(x)
+        batch, channels = x.shape[:2]
+        groups = norm.num_groups
+        full = x.float()
+        _, mean, rstd = torch.native_group_norm(full, None, None, batch, channels, full[0, 0].numel(), groups, norm.eps)
+        var = rstd.pow(-2) - norm.eps  # (P * b, G), the patch's own biased variance
+        local = torch.stack([mean, var], dim=-1).reshape(comm.num_local, -1, groups, 2)  # (P, b, G, 2)
+        if phase == "sync":
             g_mean, g_var = _combine(self.exchanger.sync(comm, local))
         elif phase == "stale":
             g_mean, g_var = _combine(_with_own(self.exchanger.displaced(comm, local), local, comm))
         else:  # corrected
             g_mean, g_var = _corrected(self.exchanger.displaced(comm, local), local, comm)
-        # y = (x - mean) / std * weight + bias, folded into one scale and shift per (sample, channel)
-        batch, channels = x.shape[:2]
-        scale = torch.rsqrt(g_var.reshape(batch, groups, 1) + norm.eps).expand(batch, groups, channels // groups)
-        scale = scale.reshape(batch, channels)
-        if norm.affine:
-            scale = scale * norm.weight.float()
-        shift = -g_mean.reshape(batch, groups, 1).expand(batch, groups, channels // groups).reshape(batch, channels)
-        shift = shift * scale + (norm.bias.float() if norm.affine else 0.0)
-        tail = (1,) * (x.ndim - 2)
-        y = torch.addcmul(shift.reshape(batch, channels, *tail), x.float(), scale.reshape(batch, channels, *tail))
-        return y.to(x.dtype)
+
+        def per_channel(stat: torch.Tensor) -> torch.Tensor:  # (P, b, G) -> (b * C,)
+            return stat.reshape(batch, groups, 1).expand(batch, groups, channels // groups).reshape(-1)
+
+        weight = norm.weight.float().repeat(batch) if norm.affine else None
+        bias = norm.bias.float().repeat(batch) if norm.affine else None
+        y = F.batch_norm(
+            full.reshape(1, batch * channels, -1),
+            per_channel(g_mean),
+            per_channel(g_var),
+            weight,
+            bias,
+            False,
+            0.0,
+            norm.eps,
+        )
+        return y.reshape(x.shape).to(x.dtype)
 
     def reset(self) -> None:
         self.exchanger.reset()
@@ -300,7 +320,7 @@ def _corrected(stale: torch.Tensor, fresh: torch.Tensor, comm: PatchComm) -> tup
         return torch.stack([stats[..., 0], stats[..., 1] + stats[..., 0] ** 2], dim=-1)
 
     stale_moments = moments(stale)  # (P, Np, b, G, 2)
-    own_stale = stale_moments[torch.arange(comm.num_local), comm.patch_index]  # (P, b, G, 2)
+    own_stale = stale_moments[comm.own_slots]  # (P, b, G, 2)
     estimate = stale_moments.mean(dim=1) + (moments(fresh) - own_stale)
     mean = estimate[..., 0]
     var = estimate[..., 1] - mean**2
