@@ -25,6 +25,7 @@ from workbench.distrifusion import (
     resolve_layout,
     simulate_patch_parallel,
 )
+from workbench.distrifusion.comm import CommStats
 from workbench.distrifusion.config import check_patch_geometry
 from workbench.metrics import psnr
 from workbench.sampling import StepInfo, denoise
@@ -76,6 +77,19 @@ def test_config_defaults_are_the_papers_and_validated():
     with pytest.raises(TypeError, match="split_batch"):
         PatchParallelConfig(split_batch=1)
     assert not (dist.is_available() and dist.is_initialized())  # building a config starts nothing
+
+
+def test_comm_stats_summary_separates_the_warm_up():
+    stats = CommStats()
+    for nbytes, blocked in [(100, 0.004), (100, 0.002), (60, 0.001), (60, 0.003)]:
+        stats.start_call()
+        stats.add("halo", nbytes)
+        stats.add_blocked(blocked)
+    summary = stats.summary(steady_from=2)
+    assert summary["bytes_per_step"] == summary["halo_bytes_per_step"] == 80
+    assert summary["blocked_ms_per_step"] == pytest.approx(2.5)
+    assert summary["blocked_ms_per_steady_step"] == pytest.approx(2.0)
+    assert stats.summary(steady_from=9)["blocked_ms_per_steady_step"] == pytest.approx(2.5)  # no steady calls
 
 
 def test_config_digest_tells_configs_apart():

@@ -181,6 +181,7 @@ def _distributed_checks() -> dict[str, object]:
         with patch_parallel(unet, PatchParallelConfig(mode=mode, warmup_steps=2), timeout_s=30) as run:
             images[mode] = sample()
             out[f"bytes_{mode}"] = run.stats.summary()["bytes_per_step"]
+            out[f"blocked_{mode}"] = list(run.stats.blocked_per_call)
     with patch_parallel(unet, PatchParallelConfig(warmup_steps=2), timeout_s=30):
         out["same_seed_same_result"] = bool(torch.equal(sample(), images["corrected_async_gn"]))
     out["uncond_full_sync_error"] = _max_error(images["full_sync"], reference)
@@ -278,6 +279,15 @@ def test_distributed_async_is_close_and_beats_naive(distributed_results):
     assert psnr["corrected_async_gn"] > psnr["naive_patch"] + 10
     bytes_ = distributed_results[0]
     assert bytes_["bytes_corrected_async_gn"] == bytes_["bytes_full_sync"] > 10 * bytes_["bytes_naive_patch"]
+
+
+@pytest.mark.distributed
+def test_distributed_time_blocked_in_communication_is_counted_per_call(distributed_results):
+    for result in distributed_results:
+        for mode in ("full_sync", "corrected_async_gn", "naive_patch"):
+            blocked = result[f"blocked_{mode}"]
+            # one entry per UNet call; every call ends with a synchronous gather of the output
+            assert len(blocked) == 6 and all(seconds > 0 for seconds in blocked), (mode, blocked)
 
 
 @pytest.mark.distributed

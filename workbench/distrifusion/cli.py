@@ -118,8 +118,13 @@ def _report(result: GenerationResult, reference: GenerationResult | None, config
             + ", ".join(
                 f"{k.removesuffix('_bytes_per_step')} {v / 1e6:.3f} MB"
                 for k, v in result.stats.items()
-                if k != "bytes_per_step"
+                if k.endswith("_bytes_per_step")
             )
+        )
+        print(
+            f"blocked in communication per rank: {result.stats['blocked_ms_per_step']:.1f} ms per step, "
+            f"{result.stats['blocked_ms_per_steady_step']:.1f} ms per step after the warm-up"
+            " (0 when communication is hidden; a host timing, meaningful with gloo, not with NCCL's streams)"
         )
     images = [result.images]
     if reference is not None:

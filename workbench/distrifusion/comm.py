@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,20 +30,28 @@ __all__ = ["CommStats", "DistributedComm", "PatchComm", "PendingGather", "Simula
 
 @dataclass
 class CommStats:
-    """Bytes received per rank, by kind of exchange ("halo", "kv", "gn", "output"), and per UNet call.
+    """Bytes received per rank, by kind of exchange ("halo", "kv", "gn", "output"), and per UNet call; and
+    the time the rank spent *blocked* in communication (waiting for a gather to complete) per call.
+
+    Blocked time is the part of communication that compute did not hide: all of a synchronous gather
+    (including waiting for the slowest rank), and of an asynchronous one only the wait at the next step
+    if it has not arrived by then. DistriFusion's goal (Sec. 4.1) is that, after the warm-up, it is ~0.
 
     Attributes:
         bytes_by_kind: cumulative bytes per rank since the last :meth:`clear`.
         gathers_by_kind: number of collectives per rank, by kind.
         bytes_per_call: bytes per rank in each UNet call (one entry per call).
+        blocked_per_call: seconds blocked in communication in each UNet call.
     """
 
     bytes_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     gathers_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes_per_call: list[int] = field(default_factory=list)
+    blocked_per_call: list[float] = field(default_factory=list)
 
     def start_call(self) -> None:
         self.bytes_per_call.append(0)
+        self.blocked_per_call.append(0.0)
 
     def add(self, kind: str, nbytes: int) -> None:
         self.bytes_by_kind[kind] += nbytes
@@ -50,34 +59,53 @@ class CommStats:
         if self.bytes_per_call:
             self.bytes_per_call[-1] += nbytes
 
+    def add_blocked(self, seconds: float) -> None:
+        if self.blocked_per_call:
+            self.blocked_per_call[-1] += seconds
+
     def clear(self) -> None:
         self.bytes_by_kind.clear()
         self.gathers_by_kind.clear()
         self.bytes_per_call.clear()
+        self.blocked_per_call.clear()
 
-    def summary(self) -> dict[str, float]:
-        """Mean bytes per rank per UNet call, in total and by kind."""
+    def summary(self, *, steady_from: int = 0) -> dict[str, float]:
+        """Mean bytes per rank per UNet call, in total and by kind; and mean milliseconds blocked per call,
+        over all calls and over the calls from index ``steady_from`` on (after the warm-up)."""
         calls = max(len(self.bytes_per_call), 1)
-        out = {"bytes_per_step": sum(self.bytes_per_call) / calls}
+        out: dict[str, float] = {"bytes_per_step": sum(self.bytes_per_call) / calls}
         out |= {f"{kind}_bytes_per_step": value / calls for kind, value in sorted(self.bytes_by_kind.items())}
+        steady = self.blocked_per_call[steady_from:] or self.blocked_per_call
+        out["blocked_ms_per_step"] = 1e3 * sum(self.blocked_per_call) / calls
+        out["blocked_ms_per_steady_step"] = 1e3 * sum(steady) / max(len(steady), 1)
         return out
 
 
 class PendingGather:
-    """The result of an all-gather, possibly still in flight (``wait`` completes it)."""
+    """The result of an all-gather, possibly still in flight (``wait`` completes it, counting the time blocked)."""
 
-    def __init__(self, result: torch.Tensor, work: dist.Work | None = None, timeout_s: float | None = None):
+    def __init__(
+        self,
+        result: torch.Tensor,
+        work: dist.Work | None = None,
+        timeout_s: float | None = None,
+        stats: CommStats | None = None,
+    ):
         self._result = result
         self._work = work
         self._timeout_s = timeout_s
+        self._stats = stats
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
+            start = time.perf_counter()
             if self._timeout_s is None:
                 self._work.wait()
             else:
                 self._work.wait(timeout=datetime.timedelta(seconds=self._timeout_s))
             self._work = None
+            if self._stats is not None:
+                self._stats.add_blocked(time.perf_counter() - start)
         return self._result
 
 
@@ -185,15 +213,20 @@ class DistributedComm(PatchComm):
         local = fresh[0].contiguous()
         result = torch.empty((self.num_patches, *local.shape), dtype=local.dtype, device=local.device)
         # Gather straight into views of one buffer: no concatenation afterwards.
+        start = time.perf_counter()
         work = dist.all_gather(list(result.unbind(0)), local, group=self.patch_group, async_op=async_op)
+        if not async_op:
+            self.stats.add_blocked(time.perf_counter() - start)
         self._count(kind, local.numel() * local.element_size(), self.num_patches)
-        return PendingGather(result.unsqueeze(0), work if async_op else None, self.timeout_s)
+        return PendingGather(result.unsqueeze(0), work if async_op else None, self.timeout_s, self.stats)
 
     def gather_output(self, local: torch.Tensor) -> torch.Tensor:
         world = self.layout.world_size
         local = local.contiguous()
         result = torch.empty((world, *local.shape), dtype=local.dtype, device=local.device)
+        start = time.perf_counter()
         dist.all_gather(list(result.unbind(0)), local)
+        self.stats.add_blocked(time.perf_counter() - start)
         self._count("output", local.numel() * local.element_size(), world)
         return result
 

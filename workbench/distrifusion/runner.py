@@ -501,7 +501,7 @@ def generate(
         start = clock[0] = time.perf_counter()
         images = sample_images(pipe, **kwargs)
         seconds = time.perf_counter() - start
-        stats = run.stats.summary() if run is not None else {}
+        stats = run.stats.summary(steady_from=config.warmup_steps + 1) if run is not None else {}
         layout = run.layout if run is not None else None
     return GenerationResult(images, seconds, step_times, stats, label, layout)
 
