@@ -76,6 +76,9 @@ def test_config_defaults_are_the_papers_and_validated():
         PatchParallelConfig(warmup_steps=True)
     with pytest.raises(TypeError, match="split_batch"):
         PatchParallelConfig(split_batch=1)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="async_bucket_size must be an int >= 1"):
+            PatchParallelConfig(async_bucket_size=bad)
     assert not (dist.is_available() and dist.is_initialized())  # building a config starts nothing
 
 

@@ -184,6 +184,10 @@ def _distributed_checks() -> dict[str, object]:
             out[f"blocked_{mode}"] = list(run.stats.blocked_per_call)
     with patch_parallel(unet, PatchParallelConfig(warmup_steps=2), timeout_s=30):
         out["same_seed_same_result"] = bool(torch.equal(sample(), images["corrected_async_gn"]))
+    with patch_parallel(unet, PatchParallelConfig(warmup_steps=2, async_bucket_size=5), timeout_s=30) as run:
+        out["bucketed_same_result"] = bool(torch.equal(sample(), images["corrected_async_gn"]))
+        out["bytes_bucketed"] = run.stats.summary()["bytes_per_step"]
+    out["bucket_mixed_dtypes"] = _bucket_mixed_dtypes(rank, world)
     out["uncond_full_sync_error"] = _max_error(images["full_sync"], reference)
     out["uncond_scale"] = float(reference.abs().max())
     out["psnr"] = {mode: _psnr(image, reference) for mode, image in images.items()}
@@ -232,6 +236,25 @@ def _distributed_checks() -> dict[str, object]:
     if rank == 0:
         out |= {f"images/{mode}": image for mode, image in images.items()}
     return out
+
+
+def _bucket_mixed_dtypes(rank: int, world: int) -> bool:
+    """Asynchronous gathers of two dtypes in one bucket (launched when full, or by a wait) arrive intact."""
+    comm = DistributedComm(PatchLayout(world, 1, world), rank, None, CommStats(), timeout_s=30, bucket_size=3)
+    comm.stats.start_call()
+    builders = [  # what each rank r sends; the fourth opens a second bucket, launched by its wait
+        lambda r: torch.full((1, 2, 3), float(r)),
+        lambda r: torch.full((1, 4), r + 0.5, dtype=torch.float64),
+        lambda r: torch.arange(5.0).reshape(1, 5) * (r + 1),
+        lambda r: torch.full((1, 1), -float(r)),
+    ]
+    slots = [comm.all_gather(build(rank), kind="test", async_op=True) for build in builders]
+    for slot, build in zip(slots, builders, strict=True):
+        gathered = slot.wait()[0]  # (world, ...)
+        expected = torch.stack([build(r)[0] for r in range(world)])
+        if gathered.dtype != expected.dtype or not torch.equal(gathered, expected):
+            return False
+    return True
 
 
 def _psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
@@ -293,6 +316,14 @@ def test_distributed_time_blocked_in_communication_is_counted_per_call(distribut
 @pytest.mark.distributed
 def test_distributed_same_seed_same_result(distributed_results):
     assert all(result["same_seed_same_result"] for result in distributed_results)
+
+
+@pytest.mark.distributed
+def test_distributed_bucketed_gathers_change_nothing_but_the_collectives(distributed_results):
+    for result in distributed_results:
+        assert result["bucketed_same_result"]
+        assert result["bytes_bucketed"] == result["bytes_corrected_async_gn"]
+        assert result["bucket_mixed_dtypes"]
 
 
 @pytest.mark.distributed

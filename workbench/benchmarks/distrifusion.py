@@ -104,7 +104,9 @@ def _rank_compute_ms(pipe, scenario: Scenario, num_devices: int, *, repeats: int
     return min(times[1:]) * 1e3
 
 
-def _bench_worker(*, model: str, modes: list[str], warmup_steps: int, **common) -> dict[str, object]:
+def _bench_worker(
+    *, model: str, modes: list[str], warmup_steps: int, async_bucket_size: int = 1, **common
+) -> dict[str, object]:
     """One rank of a benchmark launch: every mode in turn on the same process group (start-up paid once)."""
     import torch.distributed as dist
 
@@ -112,7 +114,7 @@ def _bench_worker(*, model: str, modes: list[str], warmup_steps: int, **common) 
     generate(pipe, PatchParallelConfig(mode="full_sync"), **common | {"num_inference_steps": 2}, progress=False)
     out: dict[str, object] = {}
     for mode in modes:
-        config = PatchParallelConfig(mode=mode, warmup_steps=warmup_steps)
+        config = PatchParallelConfig(mode=mode, warmup_steps=warmup_steps, async_bucket_size=async_bucket_size)
         try:
             result = generate(pipe, config, **common, progress=False)
         except ValueError as error:  # the canvas does not split into N patches: same on every rank
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None)
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default 20, quick 8)")
     parser.add_argument("--warmup-steps", type=int, default=4)
+    parser.add_argument(
+        "--async-bucket-size", type=int, default=1, help="asynchronous gathers sent together as one collective"
+    )
     parser.add_argument("--large", type=int, default=128, help="side of the larger canvas")
     parser.add_argument("--quick", action="store_true", help="fewer modes and steps (also WORKBENCH_QUICK=1)")
     parser.add_argument(
@@ -157,9 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {describe_machine()}; load average {os.getloadavg()[0]:.1f}")
     threads = torch.get_num_threads()
     print(
-        f"{steps} steps, warm-up {args.warmup_steps}. Measured latencies: one device = this process with {threads} "
-        f"thread(s); N ranks = N processes with max(1, {threads} // N) thread(s) each, sharing this machine's "
-        f"{os.cpu_count()} cores (gloo over loopback): they show overheads, not the speed-up of N devices."
+        f"{steps} steps, warm-up {args.warmup_steps}, async bucket {args.async_bucket_size}. Measured latencies: "
+        f"one device = this process with {threads} thread(s); N ranks = N processes with max(1, {threads} // N) "
+        f"thread(s) each, sharing this machine's {os.cpu_count()} cores (gloo over loopback): they show "
+        "overheads, not the speed-up of N devices."
     )
     uncond, uncond_label = _resolve_model("toy-uncond")
     scenarios = [
@@ -173,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         scenarios.append(Scenario("toy-t2i 32x32, guidance 4", t2i, 32, 32, prompt="a red circle", guidance_scale=4.0))
     rows = []
     for scenario in scenarios:
-        rows += _bench_scenario(scenario, labels[scenario.model], args.devices, modes, steps, args.warmup_steps)
+        rows += _bench_scenario(
+            scenario, labels[scenario.model], args.devices, modes, steps, args.warmup_steps, args.async_bucket_size
+        )
     sizes = args.scaling if args.scaling is not None else ([64] if quick else [128, 256, 512])
     if sizes:
         _scaling_table(uncond, uncond_label, sizes, args.devices, repeats=3 if quick else 5)
@@ -183,7 +191,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _bench_scenario(
-    scenario: Scenario, label: str, devices: list[int], modes: list[str], steps: int, warmup_steps: int
+    scenario: Scenario,
+    label: str,
+    devices: list[int],
+    modes: list[str],
+    steps: int,
+    warmup_steps: int,
+    async_bucket_size: int = 1,
 ) -> list[dict]:
     pipe, _ = load_generation_pipeline(scenario.model)
     common = dict(
@@ -227,7 +241,13 @@ def _bench_scenario(
             nproc=n,
             timeout_s=900,
             threads_per_process=max(1, torch.get_num_threads() // n),
-            kwargs=dict(model=scenario.model, modes=modes, warmup_steps=warmup_steps, **common),
+            kwargs=dict(
+                model=scenario.model,
+                modes=modes,
+                warmup_steps=warmup_steps,
+                async_bucket_size=async_bucket_size,
+                **common,
+            ),
         )
         first = launched.results[0]
         for mode in modes:

@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=MODES, default=PatchParallelConfig.mode)
     parser.add_argument("--warmup-steps", type=int, default=PatchParallelConfig.warmup_steps)
     parser.add_argument("--no-split-batch", action="store_true", help="do not split the guidance batch over ranks")
+    parser.add_argument(
+        "--async-bucket-size",
+        type=int,
+        default=PatchParallelConfig.async_bucket_size,
+        help="layers' asynchronous gathers sent together as one collective",
+    )
     parser.add_argument("--prompt", default=None, help="text prompt (text-to-image models)")
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="text-to-image only")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -81,7 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parallel = distributed or args.simulate is not None
     config = (
-        PatchParallelConfig(mode=args.mode, warmup_steps=args.warmup_steps, split_batch=not args.no_split_batch)
+        PatchParallelConfig(
+            mode=args.mode,
+            warmup_steps=args.warmup_steps,
+            split_batch=not args.no_split_batch,
+            async_bucket_size=args.async_bucket_size,
+        )
         if parallel
         else None
     )

@@ -148,6 +148,9 @@ class PatchComm(ABC):
     def gather_output(self, local: torch.Tensor) -> torch.Tensor:
         """Every rank's output (P * b, ...) stacked over all ranks: (world_size, b, ...)."""
 
+    def flush(self) -> None:  # noqa: B027 (a hook: only a backend that holds gathers back overrides it)
+        """Launch asynchronous gathers still held back for a bucket (called at the end of every UNet call)."""
+
     def _count(self, kind: str, per_rank_nbytes: int, group_size: int) -> None:
         self.stats.add(kind, per_rank_nbytes * (group_size - 1))
 
@@ -187,6 +190,7 @@ class DistributedComm(PatchComm):
         rank: this process's rank in the default group.
         patch_group: the process group of this rank's batch half (the default group without the split).
         timeout_s: how long a wait on an asynchronous gather may take before it raises.
+        bucket_size: asynchronous gathers launched together as one collective (1: each on its own).
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class DistributedComm(PatchComm):
         stats: CommStats,
         *,
         timeout_s: float,
+        bucket_size: int = 1,
     ):
         self.layout = layout
         self.rank = rank
@@ -206,11 +211,21 @@ class DistributedComm(PatchComm):
         self.patch_group = patch_group
         self.stats = stats
         self.timeout_s = timeout_s
+        self.bucket_size = bucket_size
+        self._bucket: _GatherBucket | None = None
 
     def all_gather(self, fresh: torch.Tensor, *, kind: str, async_op: bool = False) -> PendingGather:
         if fresh.shape[0] != 1:
             raise ValueError(f"a rank gathers one patch, got shape {tuple(fresh.shape)}")
         local = fresh[0].contiguous()
+        if async_op and self.bucket_size > 1:
+            if self._bucket is None:
+                self._bucket = _GatherBucket(self)
+            slot = self._bucket.add(local)
+            self._count(kind, local.numel() * local.element_size(), self.num_patches)
+            if len(self._bucket) >= self.bucket_size:
+                self.flush()
+            return slot
         result = torch.empty((self.num_patches, *local.shape), dtype=local.dtype, device=local.device)
         # Gather straight into views of one buffer: no concatenation afterwards.
         start = time.perf_counter()
@@ -219,6 +234,11 @@ class DistributedComm(PatchComm):
             self.stats.add_blocked(time.perf_counter() - start)
         self._count(kind, local.numel() * local.element_size(), self.num_patches)
         return PendingGather(result.unsqueeze(0), work if async_op else None, self.timeout_s, self.stats)
+
+    def flush(self) -> None:
+        if self._bucket is not None:
+            bucket, self._bucket = self._bucket, None
+            bucket.launch()
 
     def gather_output(self, local: torch.Tensor) -> torch.Tensor:
         world = self.layout.world_size
@@ -229,6 +249,68 @@ class DistributedComm(PatchComm):
         self.stats.add_blocked(time.perf_counter() - start)
         self._count("output", local.numel() * local.element_size(), world)
         return result
+
+
+class _GatherBucket:
+    """Asynchronous gathers that travel together: one flat buffer and one all-gather per dtype.
+
+    Every rank fills its buckets in the same layer order and launches them at the same points, so the
+    collectives match across ranks. A slot's ``wait`` launches its bucket first if nothing else has.
+    """
+
+    def __init__(self, comm: DistributedComm):
+        self.comm = comm
+        self.tensors: list[torch.Tensor] = []
+        self.gathered: dict[torch.dtype, tuple[torch.Tensor, dist.Work | None]] = {}
+        self.offsets: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def add(self, local: torch.Tensor) -> PendingGather:
+        self.tensors.append(local)
+        return _BucketSlot(self, len(self.tensors) - 1)
+
+    def launch(self) -> None:
+        if self.gathered or not self.tensors:
+            return
+        comm = self.comm
+        offsets = [0] * len(self.tensors)
+        for dtype in dict.fromkeys(t.dtype for t in self.tensors):  # first-seen order: the same on every rank
+            members = [i for i, t in enumerate(self.tensors) if t.dtype == dtype]
+            start = 0
+            for i in members:
+                offsets[i] = start
+                start += self.tensors[i].numel()
+            flat = torch.cat([self.tensors[i].reshape(-1) for i in members])
+            result = torch.empty((comm.num_patches, flat.numel()), dtype=dtype, device=flat.device)
+            work = dist.all_gather(list(result.unbind(0)), flat, group=comm.patch_group, async_op=True)
+            self.gathered[dtype] = (result, work)
+        self.offsets = offsets
+
+    def result(self, index: int) -> torch.Tensor:
+        """Tensor ``index`` of every patch, (num_patches, *shape), waiting for its collective if needed."""
+        self.launch()
+        tensor = self.tensors[index]
+        result, work = self.gathered[tensor.dtype]
+        if work is not None:
+            start = time.perf_counter()
+            work.wait(timeout=datetime.timedelta(seconds=self.comm.timeout_s))
+            self.comm.stats.add_blocked(time.perf_counter() - start)
+            self.gathered[tensor.dtype] = (result, None)
+        start = self.offsets[index]
+        return result[:, start : start + tensor.numel()].reshape(-1, *tensor.shape)
+
+
+class _BucketSlot(PendingGather):
+    """One layer's share of a :class:`_GatherBucket`."""
+
+    def __init__(self, bucket: _GatherBucket, index: int):
+        self._bucket = bucket
+        self._index = index
+
+    def wait(self) -> torch.Tensor:
+        return self._bucket.result(self._index).unsqueeze(0)
 
 
 def assemble_output(stacked: torch.Tensor, layout: PatchLayout) -> torch.Tensor:

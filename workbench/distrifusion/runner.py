@@ -170,6 +170,7 @@ class PatchParallelRun:
         self.stats.start_call()
         start = time.perf_counter()
         output = self._original_forward(**local_arguments)
+        comm.flush()
         return_dict = arguments.get("return_dict", True)
         local = output.sample if return_dict else output[0]
         full = assemble_output(comm.gather_output(local), layout)
@@ -321,7 +322,7 @@ def patch_parallel(
 
     def make_comm(layout: PatchLayout, stats: CommStats) -> DistributedComm:
         group = halves[layout.batch_group(rank)] if layout.num_batch_groups == 2 else None
-        return DistributedComm(layout, rank, group, stats, timeout_s=timeout_s)
+        return DistributedComm(layout, rank, group, stats, timeout_s=timeout_s, bucket_size=config.async_bucket_size)
 
     def check_inputs(sample: torch.Tensor) -> None:
         values = sample.detach().double()
