@@ -105,7 +105,7 @@ def _rank_compute_ms(pipe, scenario: Scenario, num_devices: int, *, repeats: int
 
 
 def _bench_worker(
-    *, model: str, modes: list[str], warmup_steps: int, async_bucket_size: int = 1, **common
+    *, model: str, modes: list[str], warmup_steps: int, async_bucket_size: int, **common
 ) -> dict[str, object]:
     """One rank of a benchmark launch: every mode in turn on the same process group (start-up paid once)."""
     import torch.distributed as dist
@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default 20, quick 8)")
     parser.add_argument("--warmup-steps", type=int, default=4)
     parser.add_argument(
-        "--async-bucket-size", type=int, default=1, help="asynchronous gathers sent together as one collective"
+        "--async-bucket-size",
+        type=int,
+        default=PatchParallelConfig.async_bucket_size,
+        help="asynchronous gathers sent together as one collective",
     )
     parser.add_argument("--large", type=int, default=128, help="side of the larger canvas")
     parser.add_argument("--quick", action="store_true", help="fewer modes and steps (also WORKBENCH_QUICK=1)")
@@ -197,7 +200,7 @@ def _bench_scenario(
     modes: list[str],
     steps: int,
     warmup_steps: int,
-    async_bucket_size: int = 1,
+    async_bucket_size: int,
 ) -> list[dict]:
     pipe, _ = load_generation_pipeline(scenario.model)
     common = dict(
