@@ -231,13 +231,6 @@ class HaloConv2d(nn.Module):
         if top >= bottom_start:  # a thin patch: build the taller input after all
             return self._conv(torch.cat([above, x, below], dim=-2))
         output = conv(x)
-        if stride == 1:
-            # Both slabs in one call: [above, first 2p rows | last 2p rows, below] gives p right output
-            # rows at each end; the 2p rows computed across the seam are discarded.
-            ends = self._conv(torch.cat([above, x[..., : 2 * p, :], x[..., height - 2 * p :, :], below], dim=-2))
-            output[..., :p, :] = ends[..., :p, :]
-            output[..., height - p :, :] = ends[..., 3 * p :, :]
-            return output
         output[..., :top, :] = self._conv(torch.cat([above, x[..., : (top - 1) * stride + reach + 1 - p, :]], dim=-2))
         if bottom_start < out_rows:
             slab = torch.cat([x[..., bottom_start * stride - p :, :], below], dim=-2)
