@@ -288,8 +288,8 @@ class PatchGroupNorm(nn.Module):
         def per_channel(stat: torch.Tensor) -> torch.Tensor:  # (P, b, G) -> (b * C,)
             return stat.reshape(batch, groups, 1).expand(batch, groups, channels // groups).reshape(-1)
 
-        weight = norm.weight.float().repeat(batch) if norm.affine else None
-        bias = norm.bias.float().repeat(batch) if norm.affine else None
+        weight = norm.weight.float().expand(batch, channels).reshape(-1) if norm.affine else None  # a view at b = 1
+        bias = norm.bias.float().expand(batch, channels).reshape(-1) if norm.affine else None
         y = F.batch_norm(
             full.reshape(1, batch * channels, -1),
             per_channel(g_mean),
