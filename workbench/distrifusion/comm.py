@@ -218,11 +218,11 @@ class DistributedComm(PatchComm):
         if fresh.shape[0] != 1:
             raise ValueError(f"a rank gathers one patch, got shape {tuple(fresh.shape)}")
         local = fresh[0].contiguous()
+        self._count(kind, local.numel() * local.element_size(), self.num_patches)
         if async_op and self.bucket_size > 1:
             if self._bucket is None:
                 self._bucket = _GatherBucket(self)
             slot = self._bucket.add(local)
-            self._count(kind, local.numel() * local.element_size(), self.num_patches)
             if len(self._bucket) >= self.bucket_size:
                 self.flush()
             return slot
@@ -232,7 +232,6 @@ class DistributedComm(PatchComm):
         work = dist.all_gather(list(result.unbind(0)), local, group=self.patch_group, async_op=async_op)
         if not async_op:
             self.stats.add_blocked(time.perf_counter() - start)
-        self._count(kind, local.numel() * local.element_size(), self.num_patches)
         return PendingGather(result.unsqueeze(0), work if async_op else None, self.timeout_s, self.stats)
 
     def flush(self) -> None:
@@ -261,7 +260,7 @@ class _GatherBucket:
     def __init__(self, comm: DistributedComm):
         self.comm = comm
         self.tensors: list[torch.Tensor] = []
-        self.gathered: dict[torch.dtype, tuple[torch.Tensor, dist.Work | None]] = {}
+        self.gathered: dict[torch.dtype, PendingGather] = {}  # (num_patches, flat size) per dtype
         self.offsets: list[int] = []
 
     def __len__(self) -> int:
@@ -285,19 +284,14 @@ class _GatherBucket:
             flat = torch.cat([self.tensors[i].reshape(-1) for i in members])
             result = torch.empty((comm.num_patches, flat.numel()), dtype=dtype, device=flat.device)
             work = dist.all_gather(list(result.unbind(0)), flat, group=comm.patch_group, async_op=True)
-            self.gathered[dtype] = (result, work)
+            self.gathered[dtype] = PendingGather(result, work, comm.timeout_s, comm.stats)
         self.offsets = offsets
 
     def result(self, index: int) -> torch.Tensor:
         """Tensor ``index`` of every patch, (num_patches, *shape), waiting for its collective if needed."""
         self.launch()
         tensor = self.tensors[index]
-        result, work = self.gathered[tensor.dtype]
-        if work is not None:
-            start = time.perf_counter()
-            work.wait(timeout=datetime.timedelta(seconds=self.comm.timeout_s))
-            self.comm.stats.add_blocked(time.perf_counter() - start)
-            self.gathered[tensor.dtype] = (result, None)
+        result = self.gathered[tensor.dtype].wait()
         start = self.offsets[index]
         return result[:, start : start + tensor.numel()].reshape(-1, *tensor.shape)
 
