@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 __all__ = ["continue_segments", "load_training_state", "read_segments", "save_model", "save_training_state"]
 
@@ -81,12 +81,7 @@ def load_training_state(
     path = Path(path)
     if not path.exists():
         return 0
-    try:
-        tensors = load_file(path)
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata()
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"training state {path} is corrupt ({error}); delete it to start from scratch") from error
+    tensors, metadata = _read_state(path, with_tensors=True)
 
     def take(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -107,6 +102,16 @@ def load_training_state(
     return int(metadata["step"])
 
 
+def _read_state(path: Path, *, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A training state's tensors (when asked) and metadata, in one open; a corrupt file is a ValueError."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()} if with_tensors else {}  # noqa: SIM118 (not iterable)
+            return tensors, f.metadata()
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"training state {path} is corrupt ({error}); delete it to start from scratch") from error
+
+
 def read_segments(path: str | Path) -> list[dict]:
     """The segments recorded in a training state (``[]`` when there is no state).
 
@@ -115,11 +120,7 @@ def read_segments(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata()
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"training state {path} is corrupt ({error}); delete it to start from scratch") from error
+    _, metadata = _read_state(path, with_tensors=False)
     if "segments" in metadata:
         return json.loads(metadata["segments"])
     return [{"from_step": 0, "to_step": int(metadata["step"])}]
