@@ -289,7 +289,7 @@ def _scaling_table(model: str, label: str, sizes: list[int], devices: list[int],
     """Modelled speed-up against canvas size: how far one rank's compute is from 1/N of the whole.
 
     One thread throughout, so that a small patch and the whole image get the same (serial) efficiency;
-    what remains is the method's own overhead per layer (halo slabs, gathers' copies, GroupNorm statistics,
+    what remains is the method's own overhead per layer (halo rows, gathers' copies, GroupNorm statistics,
     keys of the whole image), which a larger canvas amortises.
     """
     pipe, _ = load_generation_pipeline(model)
