@@ -88,11 +88,13 @@ def test_comm_stats_summary_separates_the_warm_up():
         stats.start_call()
         stats.add("halo", nbytes)
         stats.add_blocked(blocked)
+        stats.add_blocked(blocked / 2, output=True)
     summary = stats.summary(steady_from=2)
     assert summary["bytes_per_step"] == summary["halo_bytes_per_step"] == 80
-    assert summary["blocked_ms_per_step"] == pytest.approx(2.5)
-    assert summary["blocked_ms_per_steady_step"] == pytest.approx(2.0)
-    assert stats.summary(steady_from=9)["blocked_ms_per_steady_step"] == pytest.approx(2.5)  # no steady calls
+    assert summary["blocked_ms_per_step"] == pytest.approx(3.75)
+    assert summary["blocked_ms_per_steady_step"] == pytest.approx(3.0)
+    assert summary["output_blocked_ms_per_steady_step"] == pytest.approx(1.0)
+    assert stats.summary(steady_from=9)["blocked_ms_per_steady_step"] == pytest.approx(3.75)  # no steady calls
 
 
 def test_config_digest_tells_configs_apart():
@@ -472,7 +474,9 @@ def test_bench_scaling_table_prints_speedup_against_ideal(capsys):
     _scaling_table("random:toy-uncond", "random-init", [64], [2, 64], repeats=1)
     out = capsys.readouterr().out
     row = next(line.split() for line in out.splitlines() if line.split()[:2] == ["64", "2"])
-    speedup, of_ideal = float(row[4]), float(row[5].rstrip("%")) / 100
+    speedup, of_ideal, bound = float(row[4]), float(row[5].rstrip("%")) / 100, float(row[6].rstrip("%")) / 100
     # Timings are the benchmark's business; here only the table's arithmetic and its refusals.
     assert speedup > 0 and of_ideal == pytest.approx(speedup / 2, abs=0.01)
+    fixed_ms, full_ms = float(out.split("F = ")[1].split()[0]), float(row[2])
+    assert bound == pytest.approx(full_ms / (fixed_ms + (full_ms - fixed_ms) / 2) / 2, abs=0.01)
     assert "64 64 refused" in " ".join(out.split())  # 64 patches of one row: too thin for the UNet

@@ -182,6 +182,7 @@ def _distributed_checks() -> dict[str, object]:
             images[mode] = sample()
             out[f"bytes_{mode}"] = run.stats.summary()["bytes_per_step"]
             out[f"blocked_{mode}"] = list(run.stats.blocked_per_call)
+            out[f"output_blocked_{mode}"] = list(run.stats.output_blocked_per_call)
     with patch_parallel(unet, PatchParallelConfig(warmup_steps=2), timeout_s=30):
         out["same_seed_same_result"] = bool(torch.equal(sample(), images["corrected_async_gn"]))
     assert PatchParallelConfig().async_bucket_size > 1  # the images above used bucketed gathers
@@ -310,8 +311,12 @@ def test_distributed_time_blocked_in_communication_is_counted_per_call(distribut
     for result in distributed_results:
         for mode in ("full_sync", "corrected_async_gn", "naive_patch"):
             blocked = result[f"blocked_{mode}"]
+            output = result[f"output_blocked_{mode}"]
             # one entry per UNet call; every call ends with a synchronous gather of the output
-            assert len(blocked) == 6 and all(seconds > 0 for seconds in blocked), (mode, blocked)
+            assert len(blocked) == len(output) == 6 and all(seconds > 0 for seconds in output), (mode, output)
+            assert all(part <= whole for part, whole in zip(output, blocked, strict=True)), (mode, blocked, output)
+        # naive patches exchange nothing but the output
+        assert result["blocked_naive_patch"] == result["output_blocked_naive_patch"]
 
 
 @pytest.mark.distributed

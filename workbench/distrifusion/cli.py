@@ -134,7 +134,8 @@ def _report(result: GenerationResult, reference: GenerationResult | None, config
         )
         print(
             f"blocked in communication per rank: {result.stats['blocked_ms_per_step']:.1f} ms per step, "
-            f"{result.stats['blocked_ms_per_steady_step']:.1f} ms per step after the warm-up"
+            f"{result.stats['blocked_ms_per_steady_step']:.1f} ms per step after the warm-up, of which "
+            f"{result.stats['output_blocked_ms_per_steady_step']:.1f} ms in the synchronous gather of the output"
             " (0 when communication is hidden; a host timing, meaningful with gloo, not with NCCL's streams)"
         )
     images = [result.images]

@@ -42,16 +42,20 @@ class CommStats:
         gathers_by_kind: number of collectives per rank, by kind.
         bytes_per_call: bytes per rank in each UNet call (one entry per call).
         blocked_per_call: seconds blocked in communication in each UNet call.
+        output_blocked_per_call: the part of it spent in the synchronous gather of the step's output,
+            which the method does not overlap (every rank needs the whole output for the scheduler).
     """
 
     bytes_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     gathers_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     bytes_per_call: list[int] = field(default_factory=list)
     blocked_per_call: list[float] = field(default_factory=list)
+    output_blocked_per_call: list[float] = field(default_factory=list)
 
     def start_call(self) -> None:
         self.bytes_per_call.append(0)
         self.blocked_per_call.append(0.0)
+        self.output_blocked_per_call.append(0.0)
 
     def add(self, kind: str, nbytes: int) -> None:
         self.bytes_by_kind[kind] += nbytes
@@ -59,25 +63,31 @@ class CommStats:
         if self.bytes_per_call:
             self.bytes_per_call[-1] += nbytes
 
-    def add_blocked(self, seconds: float) -> None:
+    def add_blocked(self, seconds: float, *, output: bool = False) -> None:
         if self.blocked_per_call:
             self.blocked_per_call[-1] += seconds
+            if output:
+                self.output_blocked_per_call[-1] += seconds
 
     def clear(self) -> None:
         self.bytes_by_kind.clear()
         self.gathers_by_kind.clear()
         self.bytes_per_call.clear()
         self.blocked_per_call.clear()
+        self.output_blocked_per_call.clear()
 
     def summary(self, *, steady_from: int = 0) -> dict[str, float]:
         """Mean bytes per rank per UNet call, in total and by kind; and mean milliseconds blocked per call,
-        over all calls and over the calls from index ``steady_from`` on (after the warm-up)."""
+        over all calls and over the calls from index ``steady_from`` on (after the warm-up), in total and
+        in the output's gather alone."""
         calls = max(len(self.bytes_per_call), 1)
         out: dict[str, float] = {"bytes_per_step": sum(self.bytes_per_call) / calls}
         out |= {f"{kind}_bytes_per_step": value / calls for kind, value in sorted(self.bytes_by_kind.items())}
         steady = self.blocked_per_call[steady_from:] or self.blocked_per_call
         out["blocked_ms_per_step"] = 1e3 * sum(self.blocked_per_call) / calls
         out["blocked_ms_per_steady_step"] = 1e3 * sum(steady) / max(len(steady), 1)
+        steady_output = self.output_blocked_per_call[steady_from:] or self.output_blocked_per_call
+        out["output_blocked_ms_per_steady_step"] = 1e3 * sum(steady_output) / max(len(steady_output), 1)
         return out
 
 
@@ -245,7 +255,7 @@ class DistributedComm(PatchComm):
         result = torch.empty((world, *local.shape), dtype=local.dtype, device=local.device)
         start = time.perf_counter()
         dist.all_gather(list(result.unbind(0)), local)
-        self.stats.add_blocked(time.perf_counter() - start)
+        self.stats.add_blocked(time.perf_counter() - start, output=True)
         self._count("output", local.numel() * local.element_size(), world)
         return result
 
