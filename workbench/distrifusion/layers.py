@@ -27,6 +27,7 @@ to a patch; P is the number of patches one process computes (1 on a real rank, N
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -161,17 +162,20 @@ def _with_own(gathered: torch.Tensor, fresh: torch.Tensor, comm: PatchComm) -> t
     return out
 
 
-def _neighbour_rows(gathered: torch.Tensor, patch_rows: list[int], offset: int, side: int) -> torch.Tensor:
-    """For each local patch, ``side`` (0 top, 1 bottom) rows of the patch ``offset`` away; zeros past the edge.
+def _neighbour_rows(gathered: torch.Tensor, patch_rows: list[int], offset: int, rows: slice) -> torch.Tensor:
+    """For each local patch, ``rows`` of the patch ``offset`` away (zeros past the image's edge), stacked (P * b, ...).
 
-    Plain indexing with Python ints: on a real rank (P = 1) this is a view, not a gather.
+    ``gathered`` is (P, Np, b, ...). Plain indexing with Python ints: on a real rank (P = 1) this is a view,
+    not a gather.
     """
     num_patches = gathered.shape[1]
-    rows = [
-        gathered[k, i + offset, side] if 0 <= i + offset < num_patches else gathered.new_zeros(gathered.shape[3:])
+    parts = [
+        gathered[k, i + offset, ..., rows, :] if 0 <= i + offset < num_patches else None
         for k, i in enumerate(patch_rows)
     ]
-    return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
+    shape = gathered[0, 0, ..., rows, :].shape
+    parts = [part if part is not None else gathered.new_zeros(shape) for part in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class HaloConv2d(nn.Module):
@@ -198,8 +202,7 @@ class HaloConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         comm = self.context.require_comm()
         p, stride = self.halo, self.conv.stride[0]
-        batch, channels, height, width = x.shape
-        num_local = comm.num_local
+        _, channels, height, width = x.shape
         if height < p:
             raise ValueError(f"a patch of {height} rows is thinner than the convolution's halo of {p} rows")
         if height % stride:
@@ -207,8 +210,8 @@ class HaloConv2d(nn.Module):
         rows = self.context.input_rows.get(p) if self.is_input_conv else None
         if rows is not None and torch.equal(rows[:, :, p : p + height], x):
             return self._conv(rows)
-        patches = x.reshape(num_local, batch // num_local, channels, height, width)
-        fresh = torch.stack([patches[..., :p, :], patches[..., height - p :, :]], dim=1)  # (P, 2, b, C, p, W)
+        edges = torch.cat([x[..., :p, :], x[..., height - p :, :]], dim=-2)
+        fresh = edges.view(comm.num_local, -1, channels, 2 * p, width)  # each patch's top and bottom p rows
         phase = self.context.activation_phase()
         if phase == "sync":
             gathered = self.exchanger.sync(comm, fresh)
@@ -216,9 +219,9 @@ class HaloConv2d(nn.Module):
             gathered = self.exchanger.displaced(comm, fresh)
         else:
             gathered = self.exchanger.latest(fresh)
-        # gathered is (P, Np, 2, b, C, p, W): each patch's top and bottom rows.
-        above = _neighbour_rows(gathered, comm.patch_rows, -1, 1).reshape(batch, channels, p, width)
-        below = _neighbour_rows(gathered, comm.patch_rows, +1, 0).reshape(batch, channels, p, width)
+        # gathered is (P, Np, b, C, 2p, W): above a patch are the bottom rows of the one before it
+        above = _neighbour_rows(gathered, comm.patch_rows, -1, slice(p, None))
+        below = _neighbour_rows(gathered, comm.patch_rows, +1, slice(None, p))
 
         # One taller input and one convolution: measured faster than the stock convolution plus two thin
         # edge-slab convolutions for the boundary rows (those fall to a slow im2col path on CPU).
@@ -261,8 +264,9 @@ class PatchGroupNorm(nn.Module):
             return norm(x)
         batch, channels = x.shape[:2]
         groups = norm.num_groups
-        full = x.float()
-        _, mean, rstd = torch.native_group_norm(full, None, None, batch, channels, full[0, 0].numel(), groups, norm.eps)
+        full = x if x.dtype == torch.float32 else x.float()
+        size = math.prod(x.shape[2:])
+        _, mean, rstd = torch.native_group_norm(full, None, None, batch, channels, size, groups, norm.eps)
         # (P, b, G, 2): the patch's own mean and biased variance
         local = torch.stack([mean, rstd.pow(-2).sub_(norm.eps)], dim=-1).view(comm.num_local, -1, groups, 2)
         if phase == "sync":
@@ -273,13 +277,19 @@ class PatchGroupNorm(nn.Module):
             stats = _corrected(self.exchanger.displaced(comm, local), local, comm)
         # (P, b, G, 2) -> (2, b * C): one running mean and variance per sample-channel
         per_channel = stats.view(batch, groups, 1, 2).expand(batch, groups, channels // groups, 2)
-        per_channel = per_channel.permute(3, 0, 1, 2).reshape(2, -1)
-        weight = norm.weight.float().expand(batch, channels).reshape(-1) if norm.affine else None  # a view at b = 1
-        bias = norm.bias.float().expand(batch, channels).reshape(-1) if norm.affine else None
-        y = F.batch_norm(
-            full.reshape(1, batch * channels, -1), per_channel[0], per_channel[1], weight, bias, False, 0.0, norm.eps
-        )
-        return y.reshape(x.shape).to(x.dtype)
+        mean, var = per_channel.permute(3, 0, 1, 2).reshape(2, -1)
+        y = F.batch_norm(full.reshape(1, batch * channels, size), mean, var, *self._affine(batch), False, 0.0, norm.eps)
+        return y.view(x.shape) if y.dtype == x.dtype else y.view(x.shape).to(x.dtype)
+
+    def _affine(self, batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The per-channel weight and bias as float32 per sample-channel, (b * C,) (the parameters at b = 1)."""
+        norm = self.norm
+        if not norm.affine:
+            return None, None
+        weight, bias = norm.weight, norm.bias
+        if weight.dtype != torch.float32:
+            weight, bias = weight.float(), bias.float()
+        return (weight, bias) if batch == 1 else (weight.repeat(batch), bias.repeat(batch))
 
     def reset(self) -> None:
         self.exchanger.reset()
