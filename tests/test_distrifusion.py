@@ -480,3 +480,14 @@ def test_bench_scaling_table_prints_speedup_against_ideal(capsys):
     fixed_ms, full_ms = float(out.split("F = ")[1].split()[0]), float(row[2])
     assert bound == pytest.approx(full_ms / (fixed_ms + (full_ms - fixed_ms) / 2) / 2, abs=0.01)
     assert "64 64 refused" in " ".join(out.split())  # 64 patches of one row: too thin for the UNet
+
+
+@pytest.mark.parametrize(("device", "message"), [("tpu", "--device must be cpu or cuda"), ("cuda", "sees no GPU")])
+def test_bench_refuses_a_device_it_cannot_use(device, message, capsys):
+    from workbench.benchmarks.distrifusion import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(SystemExit):
+        main(["--device", device])
+    assert message in capsys.readouterr().err

@@ -35,7 +35,7 @@ from workbench import launch
 from workbench.distrifusion.comm import CommStats, PatchComm, PendingGather
 from workbench.distrifusion.config import MODES, PatchLayout, PatchParallelConfig
 from workbench.distrifusion.layers import count_downsamples
-from workbench.distrifusion.runner import _parallelized, generate, load_generation_pipeline
+from workbench.distrifusion.runner import _collective_device, _parallelized, generate, load_generation_pipeline
 from workbench.metrics import psnr
 from workbench.runtime import describe_machine, quick_mode
 
@@ -87,13 +87,14 @@ def _rank_compute_ms(pipe, scenario: Scenario, num_devices: int, *, repeats: int
     The minimum, not the median: on a shared machine it is the steadiest estimate of the compute itself.
     """
     unet = pipe.unet
+    device = unet.device
     batch = 2 if scenario.prompt is not None and scenario.guidance_scale > 1 else 1
     sample = torch.randn(
         batch, unet.config.in_channels, scenario.height, scenario.width, generator=torch.Generator().manual_seed(0)
-    )
+    ).to(device, unet.dtype)
     kwargs = {}
     if getattr(unet.config, "cross_attention_dim", None):
-        kwargs["encoder_hidden_states"] = torch.zeros(batch, 8, unet.config.cross_attention_dim)
+        kwargs["encoder_hidden_states"] = torch.zeros(batch, 8, unet.config.cross_attention_dim, device=device)
     config = PatchParallelConfig(mode="full_sync")
     parallel = (
         _parallelized(unet, config, num_devices, _ComputeOnlyComm) if num_devices > 1 else contextlib.nullcontext()
@@ -101,10 +102,17 @@ def _rank_compute_ms(pipe, scenario: Scenario, num_devices: int, *, repeats: int
     times = []
     with torch.no_grad(), parallel:
         for _ in range(repeats + 1):
+            _synchronize(device)
             start = time.perf_counter()
             unet(sample, 500, **kwargs)
+            _synchronize(device)
             times.append(time.perf_counter() - start)
     return min(times[1:]) * 1e3
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _bench_worker(
@@ -114,6 +122,7 @@ def _bench_worker(
     import torch.distributed as dist
 
     pipe, _ = load_generation_pipeline(model)
+    pipe.to(_collective_device())
     generate(pipe, PatchParallelConfig(mode="full_sync"), **common | {"num_inference_steps": 2}, progress=False)
     out: dict[str, object] = {}
     for mode in modes:
@@ -156,8 +165,21 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="canvas sides of the compute-scaling table (default 128 256 512)",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda[:k]: where the single-device runs and the rank compute run (default: cuda if available)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:k], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
     quick = args.quick or quick_mode()
     steps = args.steps or (8 if quick else 20)
     modes = args.modes or (
@@ -167,12 +189,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"machine: {describe_machine()}; load average {os.getloadavg()[0]:.1f}")
     threads = torch.get_num_threads()
-    print(
-        f"{steps} steps, warm-up {args.warmup_steps}, async bucket {args.async_bucket_size}. Measured latencies: "
-        f"one device = this process with {threads} thread(s); N ranks = N processes with max(1, {threads} // N) "
-        f"thread(s) each, sharing this machine's {os.cpu_count()} cores (gloo over loopback): they show "
-        "overheads, not the speed-up of N devices."
-    )
+    print(f"{steps} steps, warm-up {args.warmup_steps}, async bucket {args.async_bucket_size}. ", end="")
+    if device.type == "cuda":
+        print(
+            f"Measured latencies: one device = {torch.cuda.get_device_name(device)}; N ranks = N processes, one GPU "
+            f"each over NCCL, where there are N GPUs ({torch.cuda.device_count()} here); otherwise the N-rank rows "
+            "are modelled only."
+        )
+    else:
+        print(
+            f"Measured latencies: one device = this process with {threads} thread(s); N ranks = N processes with "
+            f"max(1, {threads} // N) thread(s) each, sharing this machine's {os.cpu_count()} cores (gloo over "
+            "loopback): they show overheads, not the speed-up of N devices."
+        )
     uncond, uncond_label = _resolve_model("toy-uncond")
     scenarios = [
         Scenario("toy 32x32", uncond, 32, 32),
@@ -186,11 +215,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for scenario in scenarios:
         rows += _bench_scenario(
-            scenario, labels[scenario.model], args.devices, modes, steps, args.warmup_steps, args.async_bucket_size
+            scenario,
+            labels[scenario.model],
+            args.devices,
+            modes,
+            steps,
+            args.warmup_steps,
+            args.async_bucket_size,
+            device,
         )
     sizes = args.scaling if args.scaling is not None else ([64] if quick else [128, 256, 512])
     if sizes:
-        _scaling_table(uncond, uncond_label, sizes, args.devices, repeats=3 if quick else 5)
+        _scaling_table(uncond, uncond_label, sizes, args.devices, repeats=3 if quick else 5, device=device)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
         print(f"written to {args.json}")
@@ -204,8 +240,10 @@ def _bench_scenario(
     steps: int,
     warmup_steps: int,
     async_bucket_size: int,
+    device: torch.device,
 ) -> list[dict]:
     pipe, _ = load_generation_pipeline(scenario.model)
+    pipe.to(device)
     common = dict(
         height=scenario.height,
         width=scenario.width,
@@ -243,6 +281,22 @@ def _bench_scenario(
             rank_ms = _rank_compute_ms(pipe, scenario, n, repeats=7)
         except ValueError:
             rank_ms = float("nan")
+        if device.type == "cuda" and torch.cuda.device_count() < n:
+            print(
+                f"{n:>2} {'(no real ranks)':20s} needs {n} GPUs for NCCL ranks; rank compute {rank_ms:.1f} ms, "
+                f"MODELLED speed-up {full_ms / rank_ms:.2f}"
+            )
+            rows.append(
+                dict(
+                    scenario=scenario.name,
+                    model=label,
+                    devices=n,
+                    mode="modelled only",
+                    rank_compute_ms=rank_ms,
+                    modelled_speedup=full_ms / rank_ms,
+                )
+            )
+            continue
         launched = launch.run(
             "workbench.benchmarks.distrifusion:_bench_worker",
             nproc=n,
@@ -291,10 +345,12 @@ def _bench_scenario(
     return rows
 
 
-def _scaling_table(model: str, label: str, sizes: list[int], devices: list[int], *, repeats: int) -> None:
+def _scaling_table(
+    model: str, label: str, sizes: list[int], devices: list[int], *, repeats: int, device: torch.device | None = None
+) -> None:
     """Modelled speed-up against canvas size: how far one rank's compute is from 1/N of the whole.
 
-    One thread throughout, so that a small patch and the whole image get the same (serial) efficiency;
+    On a CPU one thread throughout, so that a small patch and the whole image get the same (serial) efficiency;
     what remains is the method's own overhead per layer (halo rows, gathers' copies, GroupNorm statistics,
     keys of the whole image), which a larger canvas amortises. The settings are timed in interleaved
     rounds, so that a drift in the machine's speed hits them alike.
@@ -304,13 +360,16 @@ def _scaling_table(model: str, label: str, sizes: list[int], devices: list[int],
     ``bound`` = T1 / (F + (T1 - F) / N) / N is the best "of ideal" any row split could reach with no
     patch overhead at all.
     """
+    device = device or torch.device("cpu")
     pipe, _ = load_generation_pipeline(model)
+    pipe.to(device)
     smallest = 2 ** count_downsamples(pipe.unet)
     fixed = Scenario("fixed", model, smallest, smallest)
     best: dict[tuple[int, int], float] = {}  # (canvas side, N) -> best ms; N = 1 is one device
     refused: dict[tuple[int, int], str] = {}
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     try:
         for _ in tqdm(range(repeats), desc="scaling rounds"):
             best[0, 1] = min(best.get((0, 1), float("inf")), _rank_compute_ms(pipe, fixed, 1, repeats=3))
@@ -329,7 +388,8 @@ def _scaling_table(model: str, label: str, sizes: list[int], devices: list[int],
         torch.set_num_threads(previous)
 
     fixed_ms = best[0, 1]
-    print(f"\n== compute scaling, {label}, 1 thread, best of {repeats} interleaved rounds ==")
+    where = "1 CPU thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"\n== compute scaling, {label}, {where}, best of {repeats} interleaved rounds ==")
     print(f"fixed cost of a UNet call (one device, {smallest}x{smallest} canvas): F = {fixed_ms:.1f} ms")
     print(
         f"{'canvas':>8} {'N':>2} {'one device ms':>14} {'rank ms':>9} {'modelled speed-up':>17} "

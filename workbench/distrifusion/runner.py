@@ -471,8 +471,11 @@ def generate(
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     step_times: list[float] = []
     clock = [0.0]
+    on_gpu = pipe.unet.device.type == "cuda"
 
     def on_step(_: StepInfo) -> None:
+        if on_gpu:  # the step's kernels have been queued, not run
+            torch.cuda.synchronize()
         now = time.perf_counter()
         step_times.append(now - clock[0])
         clock[0] = now
@@ -565,8 +568,7 @@ def launch_generation(
 def _generation_worker(*, model: str, config: dict | None, timeout_s: float, **kwargs) -> dict[str, object]:
     """One rank of :func:`launch_generation` (and of the command line): load, generate, report."""
     pipe, label = load_generation_pipeline(model)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    pipe.to(device)
+    pipe.to(_collective_device())
     parsed = PatchParallelConfig(**config) if config is not None else None
     result = generate(pipe, parsed, label=label, timeout_s=timeout_s, **kwargs)
     out: dict[str, object] = {
