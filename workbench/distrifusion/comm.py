@@ -199,7 +199,8 @@ class DistributedComm(PatchComm):
         layout: the split of ranks.
         rank: this process's rank in the default group.
         patch_group: the process group of this rank's batch half (the default group without the split).
-        timeout_s: how long a wait on an asynchronous gather may take before it raises.
+        timeout_s: how long a wait on an asynchronous gather may take before it raises (None: no limit of
+            its own; the process group's timeout still applies).
         bucket_size: asynchronous gathers launched together as one collective (1: each on its own).
     """
 
@@ -210,7 +211,7 @@ class DistributedComm(PatchComm):
         patch_group: dist.ProcessGroup | None,
         stats: CommStats,
         *,
-        timeout_s: float,
+        timeout_s: float | None,
         bucket_size: int = 1,
     ):
         self.layout = layout

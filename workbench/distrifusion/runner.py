@@ -320,9 +320,16 @@ def patch_parallel(
             dist.new_group(list(range(world // 2, world)), timeout=timeout),
         ]
 
+    # On NCCL a wait with a timeout holds the host until the collective ends; without one it only orders the
+    # compute stream after it, so the host keeps queueing kernels. The groups' timeout (NCCL's watchdog)
+    # still ends a stalled collective.
+    wait_timeout_s = None if dist.get_backend() == "nccl" else timeout_s
+
     def make_comm(layout: PatchLayout, stats: CommStats) -> DistributedComm:
         group = halves[layout.batch_group(rank)] if layout.num_batch_groups == 2 else None
-        return DistributedComm(layout, rank, group, stats, timeout_s=timeout_s, bucket_size=config.async_bucket_size)
+        return DistributedComm(
+            layout, rank, group, stats, timeout_s=wait_timeout_s, bucket_size=config.async_bucket_size
+        )
 
     def check_inputs(sample: torch.Tensor) -> None:
         values = sample.detach().double()
