@@ -491,3 +491,32 @@ def test_bench_refuses_a_device_it_cannot_use(device, message, capsys):
     with pytest.raises(SystemExit):
         main(["--device", device])
     assert message in capsys.readouterr().err
+
+
+def test_scaling_rows_model_the_speedup_and_its_bound():
+    from workbench.distrifusion.scaling import ScalingRow
+
+    row = ScalingRow(size=64, num_devices=4, one_device_ms=100.0, rank_ms=30.0, fixed_ms=4.0)
+    assert row.speedup == pytest.approx(100 / 30) and row.of_ideal == pytest.approx(100 / 120)
+    assert row.bound == pytest.approx(100 / (4 + 96 / 4) / 4)
+    perfect = ScalingRow(size=64, num_devices=4, one_device_ms=100.0, rank_ms=25.0, fixed_ms=0.0)
+    assert perfect.of_ideal == pytest.approx(1.0) and perfect.bound == pytest.approx(1.0)
+
+
+def test_compute_scaling_times_every_setting_and_refuses_thin_patches(uncond):
+    from workbench.distrifusion.scaling import compute_scaling
+    from workbench.plots.distrifusion import scaling_figure
+
+    unet, _ = uncond
+    threads = torch.get_num_threads()
+    rows = compute_scaling(unet, [32], [2, 32], repeats=1, progress=False)
+    assert torch.get_num_threads() == threads
+    assert [(row.size, row.num_devices) for row in rows] == [(32, 2), (32, 32)]
+    timed, refused = rows
+    assert timed.refused is None and min(timed.one_device_ms, timed.rank_ms, timed.fixed_ms) > 0
+    assert refused.refused and math.isnan(refused.rank_ms)  # 32 patches of one row: thinner than the UNet allows
+    assert isinstance(scaling_figure(rows), matplotlib.figure.Figure)
+    with pytest.raises(ValueError, match="sizes must be positive multiples of 4"):
+        compute_scaling(unet, [30], [2], repeats=1)
+    with pytest.raises(ValueError, match="devices must all be >= 2"):
+        compute_scaling(unet, [32], [1], repeats=1)

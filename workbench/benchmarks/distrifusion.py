@@ -11,7 +11,9 @@ convolutional toy UNet2DModel at 128x128), it measures:
 * PSNR against the single-device image (same seed);
 * the compute of one rank (its share of a UNet call with the gathers replaced by local copies, in this
   process) and the *modelled* speed-up ``T(one device) / T(one rank's compute)``: one device per rank,
-  communication fully hidden (the paper's goal, DistriFusion Sec. 4.1), an upper bound, not a measurement.
+  communication fully hidden (the paper's goal, DistriFusion Sec. 4.1), an upper bound, not a measurement;
+  and against canvas size, with the bound that the UNet's fixed per-call cost puts on any split
+  (:mod:`workbench.distrifusion.scaling`).
 
 On a CPU machine all ranks share its cores, so the measured multi-process latencies show overheads,
 not speed-ups; the table says so.
@@ -20,22 +22,19 @@ not speed-ups; the table says so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from workbench import launch
-from workbench.distrifusion.comm import CommStats, PatchComm, PendingGather
-from workbench.distrifusion.config import MODES, PatchLayout, PatchParallelConfig
+from workbench.distrifusion.config import MODES, PatchParallelConfig
 from workbench.distrifusion.layers import count_downsamples
-from workbench.distrifusion.runner import _collective_device, _parallelized, generate, load_generation_pipeline
+from workbench.distrifusion.runner import _collective_device, generate, load_generation_pipeline
+from workbench.distrifusion.scaling import compute_scaling, rank_compute_ms
 from workbench.metrics import psnr
 from workbench.runtime import describe_machine, quick_mode
 
@@ -61,58 +60,6 @@ def _resolve_model(name: str) -> tuple[str, str]:
     if (zoo.DATA_DIR / name).is_dir():
         return name, f"{name} (trained)"
     return f"random:{name}", f"{name} RANDOM-INIT (untrained: PSNR says nothing about quality)"
-
-
-class _ComputeOnlyComm(PatchComm):
-    """Rank 0's shapes without communication: every "gather" repeats the local tensor (wrong values, same work).
-
-    Timing a UNet call under it measures what one rank computes (its rows with halos, its queries against
-    the whole image's keys, GroupNorm statistics) with the communication taken out.
-    """
-
-    def __init__(self, layout: PatchLayout, stats: CommStats):
-        self.layout, self.stats, self.num_local = layout, stats, 1
-        self.patch_index, self.batch_group = torch.tensor([0]), torch.tensor([0])
-
-    def all_gather(self, fresh: torch.Tensor, *, kind: str, async_op: bool = False) -> PendingGather:
-        return PendingGather(fresh.unsqueeze(1).expand(1, self.num_patches, *fresh.shape[1:]).contiguous())
-
-    def gather_output(self, local: torch.Tensor) -> torch.Tensor:
-        return local.unsqueeze(0).expand(self.layout.world_size, *local.shape).contiguous()
-
-
-def _rank_compute_ms(pipe, scenario: Scenario, num_devices: int, *, repeats: int) -> float:
-    """Best-of-``repeats`` ms of one rank's share of a UNet call, communication taken out.
-
-    The minimum, not the median: on a shared machine it is the steadiest estimate of the compute itself.
-    """
-    unet = pipe.unet
-    device = unet.device
-    batch = 2 if scenario.prompt is not None and scenario.guidance_scale > 1 else 1
-    sample = torch.randn(
-        batch, unet.config.in_channels, scenario.height, scenario.width, generator=torch.Generator().manual_seed(0)
-    ).to(device, unet.dtype)
-    kwargs = {}
-    if getattr(unet.config, "cross_attention_dim", None):
-        kwargs["encoder_hidden_states"] = torch.zeros(batch, 8, unet.config.cross_attention_dim, device=device)
-    config = PatchParallelConfig(mode="full_sync")
-    parallel = (
-        _parallelized(unet, config, num_devices, _ComputeOnlyComm) if num_devices > 1 else contextlib.nullcontext()
-    )
-    times = []
-    with torch.no_grad(), parallel:
-        for _ in range(repeats + 1):
-            _synchronize(device)
-            start = time.perf_counter()
-            unet(sample, 500, **kwargs)
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-    return min(times[1:]) * 1e3
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _bench_worker(
@@ -254,7 +201,9 @@ def _bench_scenario(
     )
     generate(pipe, None, **common | {"num_inference_steps": 2}, progress=False)  # warm-up
     single = generate(pipe, None, **common, progress=False)
-    full_ms = _rank_compute_ms(pipe, scenario, 1, repeats=7)
+    batch = 2 if scenario.prompt is not None and scenario.guidance_scale > 1 else 1
+    shape = dict(height=scenario.height, width=scenario.width, batch_size=batch, repeats=7)
+    full_ms = rank_compute_ms(pipe.unet, num_devices=1, **shape)
     print(f"\n== {scenario.name}: {label} ==")
     print(
         f"{'N':>2} {'mode':20s} {'end-to-end s':>12s} {'step ms':>8s} {'MB/step/rank':>12s} {'blocked ms':>10s} "
@@ -278,7 +227,7 @@ def _bench_scenario(
     _print_row(row)
     for n in devices:
         try:
-            rank_ms = _rank_compute_ms(pipe, scenario, n, repeats=7)
+            rank_ms = rank_compute_ms(pipe.unet, num_devices=n, **shape)
         except ValueError:
             rank_ms = float("nan")
         if device.type == "cuda" and torch.cuda.device_count() < n:
@@ -348,65 +297,28 @@ def _bench_scenario(
 def _scaling_table(
     model: str, label: str, sizes: list[int], devices: list[int], *, repeats: int, device: torch.device | None = None
 ) -> None:
-    """Modelled speed-up against canvas size: how far one rank's compute is from 1/N of the whole.
-
-    On a CPU one thread throughout, so that a small patch and the whole image get the same (serial) efficiency;
-    what remains is the method's own overhead per layer (halo rows, gathers' copies, GroupNorm statistics,
-    keys of the whole image), which a larger canvas amortises. The settings are timed in interleaved
-    rounds, so that a drift in the machine's speed hits them alike.
-
-    A UNet call also has a cost no split divides (time embedding, Python, small ops per layer): the
-    one-device call on the smallest canvas the UNet takes (2^levels square) estimates it as F, and
-    ``bound`` = T1 / (F + (T1 - F) / N) / N is the best "of ideal" any row split could reach with no
-    patch overhead at all.
-    """
+    """Print :func:`~workbench.distrifusion.scaling.compute_scaling`: modelled speed-up, of ideal and the bound
+    that the fixed per-call cost puts on any split, against canvas size."""
     device = device or torch.device("cpu")
     pipe, _ = load_generation_pipeline(model)
     pipe.to(device)
-    smallest = 2 ** count_downsamples(pipe.unet)
-    fixed = Scenario("fixed", model, smallest, smallest)
-    best: dict[tuple[int, int], float] = {}  # (canvas side, N) -> best ms; N = 1 is one device
-    refused: dict[tuple[int, int], str] = {}
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        for _ in tqdm(range(repeats), desc="scaling rounds"):
-            best[0, 1] = min(best.get((0, 1), float("inf")), _rank_compute_ms(pipe, fixed, 1, repeats=3))
-            for size in sizes:
-                scenario = Scenario(f"{size}x{size}", model, size, size)
-                for n in [1, *devices]:
-                    if (size, n) in refused:
-                        continue
-                    try:
-                        ms = _rank_compute_ms(pipe, scenario, n, repeats=1)
-                    except ValueError as error:
-                        refused[size, n] = str(error)
-                        continue
-                    best[size, n] = min(best.get((size, n), float("inf")), ms)
-    finally:
-        torch.set_num_threads(previous)
-
-    fixed_ms = best[0, 1]
+    rows = compute_scaling(pipe.unet, sizes, devices, repeats=repeats)
     where = "1 CPU thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"\n== compute scaling, {label}, {where}, best of {repeats} interleaved rounds ==")
-    print(f"fixed cost of a UNet call (one device, {smallest}x{smallest} canvas): F = {fixed_ms:.1f} ms")
+    smallest = 2 ** count_downsamples(pipe.unet)
+    print(f"fixed cost of a UNet call (one device, {smallest}x{smallest} canvas): F = {rows[0].fixed_ms:.1f} ms")
     print(
         f"{'canvas':>8} {'N':>2} {'one device ms':>14} {'rank ms':>9} {'modelled speed-up':>17} "
         f"{'of ideal':>9} {'bound':>6}"
     )
-    for size in sizes:
-        full_ms = best[size, 1]
-        for n in devices:
-            if (size, n) in refused:
-                print(f"{size:>8} {n:>2} refused: {refused[size, n][:100]}")
-                continue
-            speedup = full_ms / best[size, n]
-            bound = full_ms / (fixed_ms + (full_ms - fixed_ms) / n) / n
-            print(
-                f"{size:>8} {n:>2} {full_ms:>14.1f} {best[size, n]:>9.1f} {speedup:>17.2f} {speedup / n:>9.0%} "
-                f"{bound:>6.0%}"
-            )
+    for row in rows:
+        if row.refused is not None:
+            print(f"{row.size:>8} {row.num_devices:>2} refused: {row.refused[:100]}")
+            continue
+        print(
+            f"{row.size:>8} {row.num_devices:>2} {row.one_device_ms:>14.1f} {row.rank_ms:>9.1f} "
+            f"{row.speedup:>17.2f} {row.of_ideal:>9.0%} {row.bound:>6.0%}"
+        )
     print(
         "of ideal = modelled speed-up / N; the target is >= 90 % (within 10 % of the N-fold reduction). "
         "bound = the most a split can reach with F undivided."

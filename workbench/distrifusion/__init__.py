@@ -15,6 +15,7 @@ module                     what it holds
 ``runner``                 :func:`patch_parallel` (real ranks) and the sampler behind the command line
 ``simulate``               :func:`simulate_patch_parallel` (N ranks in one process), :func:`measure_staleness`
 ``experiment``             the notebook's and the reproduction report's experiments
+``scaling``                what one rank computes; the modelled speed-up against canvas size
 ``cli``                    ``torchrun --nproc_per_node=N -m workbench distrifusion ...``
 =========================  ==================================================================================
 

@@ -1,4 +1,4 @@
-"""Figures for DistriFusion (notebook 02, the reproduction report): the idea, images, staleness, PSNR.
+"""Figures for DistriFusion (notebook 02, the reproduction report): the idea, images, staleness, PSNR, scaling.
 
 Every function takes data (and, where it draws one panel, an optional ``ax``) and returns the ``Figure``.
 """
@@ -17,9 +17,10 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 
 if TYPE_CHECKING:
     from workbench.distrifusion.experiment import ModeComparison
+    from workbench.distrifusion.scaling import ScalingRow
     from workbench.distrifusion.simulate import StalenessRecord
 
-__all__ = ["comparison_figure", "patch_diagram", "psnr_figure", "staleness_figure"]
+__all__ = ["comparison_figure", "patch_diagram", "psnr_figure", "scaling_figure", "staleness_figure"]
 
 _COLOURS = plt.get_cmap("tab10").colors
 
@@ -190,4 +191,30 @@ def psnr_figure(rows: Sequence[Mapping[str, object]], *, ax: plt.Axes | None = N
     ax.set_ylim(0, cap_db + 8)
     ax.legend(fontsize=8)
     ax.set_title("Patch-parallel image against the single-device one")
+    return fig
+
+
+def scaling_figure(rows: Sequence[ScalingRow], *, ax: plt.Axes | None = None, target: float = 0.9) -> Figure:
+    """Modelled "of ideal" (solid) and the bound of the undivided fixed cost (dashed) against canvas size, per N.
+
+    Refused canvases are left out; the dotted line is the ``target`` fraction of the ideal N-fold reduction.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig = ax.figure
+    for k, n in enumerate(dict.fromkeys(row.num_devices for row in rows)):
+        kept = [row for row in rows if row.num_devices == n and row.refused is None]
+        sizes = [row.size for row in kept]
+        colour = _COLOURS[k % 10]
+        ax.plot(sizes, [100 * row.of_ideal for row in kept], "o-", color=colour, label=f"N = {n}, modelled")
+        ax.plot(sizes, [100 * row.bound for row in kept], "--", color=colour, alpha=0.6, label=f"N = {n}, bound")
+    ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
+    sides = sorted({row.size for row in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sides, [str(side) for side in sides])
+    ax.minorticks_off()
+    ax.set_xlabel("canvas side (pixels)")
+    ax.set_ylabel("of the ideal N-fold reduction (%)")
+    ax.set_title("One rank's compute against 1/N of the whole")
+    ax.legend(fontsize=8)
     return fig

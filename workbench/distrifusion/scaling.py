@@ -1,0 +1,180 @@
+"""What one rank computes, and the modelled speed-up of N devices against the canvas size.
+
+DistriFusion's speed-up comes from each of N devices computing 1/N of the image while the exchanges hide
+behind the computation (Li et al., CVPR 2024, Sec. 4.1); the paper's speed-ups grow with the resolution
+(Fig. 1, Table 1: larger canvases amortise the per-layer overheads). On one machine we time exactly what
+one rank computes (its rows with their halos, its queries against the whole image's keys, the GroupNorm
+statistics), with every all-gather replaced by a local copy of the same size: T_rank(N). Then
+
+    modelled speed-up = T_1 / T_rank(N),    of ideal = speed-up / N,
+
+an upper bound for N devices like this one with communication fully hidden, not a measurement of N devices.
+
+A UNet call also has a cost that no split divides (time embedding, Python and per-layer dispatch): the
+one-device call on the smallest canvas the UNet takes estimates it as F, and
+
+    bound = T_1 / (F + (T_1 - F) / N) / N
+
+is the most "of ideal" any row split could reach with no overhead of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from workbench.distrifusion.comm import CommStats, PatchComm, PendingGather
+from workbench.distrifusion.config import PatchLayout, PatchParallelConfig
+from workbench.distrifusion.layers import count_downsamples
+from workbench.distrifusion.runner import _parallelized
+
+__all__ = ["ComputeOnlyComm", "ScalingRow", "compute_scaling", "rank_compute_ms"]
+
+
+class ComputeOnlyComm(PatchComm):
+    """Rank 0's shapes without communication: every "gather" repeats the local tensor (wrong values, same work).
+
+    Timing a UNet call under it measures what one rank computes with the communication taken out.
+    """
+
+    def __init__(self, layout: PatchLayout, stats: CommStats):
+        self.layout, self.stats, self.num_local = layout, stats, 1
+        self.patch_index, self.batch_group = torch.tensor([0]), torch.tensor([0])
+
+    def all_gather(self, fresh: torch.Tensor, *, kind: str, async_op: bool = False) -> PendingGather:
+        return PendingGather(fresh.unsqueeze(1).expand(1, self.num_patches, *fresh.shape[1:]).contiguous())
+
+    def gather_output(self, local: torch.Tensor) -> torch.Tensor:
+        return local.unsqueeze(0).expand(self.layout.world_size, *local.shape).contiguous()
+
+
+def rank_compute_ms(
+    unet: torch.nn.Module,
+    *,
+    height: int,
+    width: int,
+    num_devices: int,
+    batch_size: int = 1,
+    repeats: int = 5,
+) -> float:
+    """Best-of-``repeats`` ms of one rank's share of a UNet call on ``unet``'s device (``num_devices=1``: the
+    whole call), communication taken out; one untimed call first.
+
+    The minimum, not the median: on a shared machine it is the steadiest estimate of the compute itself.
+    With ``batch_size`` 2 and an even N the ranks split the batch, as under classifier-free guidance.
+
+    Raises:
+        ValueError: the canvas does not split into ``num_devices`` patches.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = unet.device
+    sample = torch.randn(
+        batch_size, unet.config.in_channels, height, width, generator=torch.Generator().manual_seed(0)
+    ).to(device, unet.dtype)
+    kwargs = {}
+    if getattr(unet.config, "cross_attention_dim", None):
+        kwargs["encoder_hidden_states"] = torch.zeros(batch_size, 8, unet.config.cross_attention_dim, device=device)
+    parallel = (
+        _parallelized(unet, PatchParallelConfig(mode="full_sync"), num_devices, ComputeOnlyComm)
+        if num_devices > 1
+        else contextlib.nullcontext()
+    )
+    times = []
+    with torch.no_grad(), parallel:
+        for _ in range(repeats + 1):
+            _synchronize(device)
+            start = time.perf_counter()
+            unet(sample, 500, **kwargs)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return min(times[1:]) * 1e3
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class ScalingRow:
+    """One (canvas, N) of :func:`compute_scaling`; times in ms, ``rank_ms`` NaN where the canvas was refused."""
+
+    size: int
+    num_devices: int
+    one_device_ms: float
+    rank_ms: float
+    fixed_ms: float
+    refused: str | None = None
+
+    @property
+    def speedup(self) -> float:
+        """Modelled speed-up T_1 / T_rank(N)."""
+        return self.one_device_ms / self.rank_ms
+
+    @property
+    def of_ideal(self) -> float:
+        """Modelled speed-up / N (1.0: the whole N-fold reduction)."""
+        return self.speedup / self.num_devices
+
+    @property
+    def bound(self) -> float:
+        """The most ``of_ideal`` a split can reach with the fixed cost F undivided."""
+        n, t1, fixed = self.num_devices, self.one_device_ms, self.fixed_ms
+        return t1 / (fixed + (t1 - fixed) / n) / n
+
+
+def compute_scaling(
+    unet: torch.nn.Module,
+    sizes: list[int],
+    devices: list[int],
+    *,
+    repeats: int = 5,
+    progress: bool = True,
+) -> list[ScalingRow]:
+    """Modelled speed-up against canvas size (square canvases of side ``sizes``, N in ``devices``).
+
+    The settings are timed in interleaved rounds, so that a drift in the machine's speed hits them alike;
+    each keeps its best. On a CPU with one thread, so that a small patch and the whole image get the same
+    (serial) efficiency and what remains is the method's own overhead.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if any(n < 2 for n in devices):
+        raise ValueError(f"devices must all be >= 2, got {devices}")
+    smallest = 2 ** count_downsamples(unet)
+    if any(size < smallest or size % smallest for size in sizes):
+        raise ValueError(f"sizes must be positive multiples of {smallest} (2^downsampling levels), got {sizes}")
+    best: dict[tuple[int, int], float] = {}  # (canvas side, N) -> ms; (0, 1) is the fixed cost
+    refused: dict[tuple[int, int], str] = {}
+
+    def time_once(key: tuple[int, int], side: int, n: int, calls: int) -> None:
+        try:
+            ms = rank_compute_ms(unet, height=side, width=side, num_devices=n, repeats=calls)
+        except ValueError as error:
+            refused[key] = str(error)
+            return
+        best[key] = min(best.get(key, math.inf), ms)
+
+    previous = torch.get_num_threads()
+    if unet.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for _ in tqdm(range(repeats), desc="scaling rounds", disable=not progress):
+            time_once((0, 1), smallest, 1, calls=3)
+            for size in sizes:
+                for n in [1, *devices]:
+                    if (size, n) not in refused:
+                        time_once((size, n), size, n, calls=1)
+    finally:
+        torch.set_num_threads(previous)
+    return [
+        ScalingRow(size, n, best[size, 1], best.get((size, n), math.nan), best[0, 1], refused.get((size, n)))
+        for size in sizes
+        for n in devices
+    ]
