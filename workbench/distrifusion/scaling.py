@@ -3,8 +3,9 @@
 DistriFusion's speed-up comes from each of N devices computing 1/N of the image while the exchanges hide
 behind the computation (Li et al., CVPR 2024, Sec. 4.1); the paper's speed-ups grow with the resolution
 (Fig. 1, Table 1: larger canvases amortise the per-layer overheads). On one machine we time exactly what
-one rank computes (its rows with their halos, its queries against the whole image's keys, the GroupNorm
-statistics), with every all-gather replaced by a local copy of the same size: T_rank(N). Then
+one rank computes in the steady state after the warm-up (its rows with their halos, its queries against
+the whole image's keys, the corrected GroupNorm statistics), with every all-gather replaced by a local
+copy of the same size: T_rank(N). Then
 
     modelled speed-up = T_1 / T_rank(N),    of ideal = speed-up / N,
 
@@ -29,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.distrifusion.comm import CommStats, PatchComm, PendingGather
-from workbench.distrifusion.config import PatchLayout, PatchParallelConfig
+from workbench.distrifusion.config import Mode, PatchLayout, PatchParallelConfig
 from workbench.distrifusion.layers import count_downsamples
 from workbench.distrifusion.runner import _parallelized
 
@@ -61,10 +62,13 @@ def rank_compute_ms(
     num_devices: int,
     batch_size: int = 1,
     repeats: int = 5,
+    mode: Mode = "corrected_async_gn",
 ) -> float:
     """Best-of-``repeats`` ms of one rank's share of a UNet call on ``unet``'s device (``num_devices=1``: the
     whole call), communication taken out; one untimed call first.
 
+    The first call is synchronous (step 0) and the timed ones are in ``mode``'s steady state (no warm-up):
+    with the default, the displaced exchange and the corrected GroupNorm of every step after the warm-up.
     The minimum, not the median: on a shared machine it is the steadiest estimate of the compute itself.
     With ``batch_size`` 2 and an even N the ranks split the batch, as under classifier-free guidance.
 
@@ -81,7 +85,7 @@ def rank_compute_ms(
     if getattr(unet.config, "cross_attention_dim", None):
         kwargs["encoder_hidden_states"] = torch.zeros(batch_size, 8, unet.config.cross_attention_dim, device=device)
     parallel = (
-        _parallelized(unet, PatchParallelConfig(mode="full_sync"), num_devices, ComputeOnlyComm)
+        _parallelized(unet, PatchParallelConfig(mode=mode, warmup_steps=0), num_devices, ComputeOnlyComm)
         if num_devices > 1
         else contextlib.nullcontext()
     )
@@ -135,13 +139,15 @@ def compute_scaling(
     devices: list[int],
     *,
     repeats: int = 5,
+    mode: Mode = "corrected_async_gn",
     progress: bool = True,
 ) -> list[ScalingRow]:
     """Modelled speed-up against canvas size (square canvases of side ``sizes``, N in ``devices``).
 
     The settings are timed in interleaved rounds, so that a drift in the machine's speed hits them alike;
-    each keeps its best. On a CPU with one thread, so that a small patch and the whole image get the same
-    (serial) efficiency and what remains is the method's own overhead.
+    each keeps its best. Ranks run in ``mode``'s steady state (see :func:`rank_compute_ms`). On a CPU with
+    one thread, so that a small patch and the whole image get the same (serial) efficiency and what
+    remains is the method's own overhead.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -155,7 +161,7 @@ def compute_scaling(
 
     def time_once(key: tuple[int, int], side: int, n: int, calls: int) -> None:
         try:
-            ms = rank_compute_ms(unet, height=side, width=side, num_devices=n, repeats=calls)
+            ms = rank_compute_ms(unet, height=side, width=side, num_devices=n, repeats=calls, mode=mode)
         except ValueError as error:
             refused[key] = str(error)
             return
