@@ -289,7 +289,8 @@ def patch_parallel(
     Args:
         unet: a diffusers ``UNet2DConditionModel`` or ``UNet2DModel`` (same weights on every rank).
         config: the mode, warm-up and batch split.
-        timeout_s: the timeout of the batch-half groups and of waits on asynchronous gathers.
+        timeout_s: the timeout of the batch-half groups and, on gloo, of waits on asynchronous gathers
+            (on NCCL the groups' watchdog ends a stalled gather).
 
     Yields:
         The :class:`PatchParallelRun` (step counter, communication statistics).
