@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from diffusers import ModelMixin
 from tqdm.auto import tqdm
 
 from workbench.distrifusion.comm import CommStats, PatchComm, PendingGather
@@ -55,7 +56,7 @@ class ComputeOnlyComm(PatchComm):
 
 
 def rank_compute_ms(
-    unet: torch.nn.Module,
+    unet: ModelMixin,
     *,
     height: int,
     width: int,
@@ -83,7 +84,8 @@ def rank_compute_ms(
     ).to(device, unet.dtype)
     kwargs = {}
     if getattr(unet.config, "cross_attention_dim", None):
-        kwargs["encoder_hidden_states"] = torch.zeros(batch_size, 8, unet.config.cross_attention_dim, device=device)
+        text = torch.zeros(batch_size, 8, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+        kwargs["encoder_hidden_states"] = text
     parallel = (
         _parallelized(unet, PatchParallelConfig(mode=mode, warmup_steps=0), num_devices, ComputeOnlyComm)
         if num_devices > 1
@@ -134,7 +136,7 @@ class ScalingRow:
 
 
 def compute_scaling(
-    unet: torch.nn.Module,
+    unet: ModelMixin,
     sizes: list[int],
     devices: list[int],
     *,
