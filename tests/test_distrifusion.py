@@ -25,7 +25,7 @@ from workbench.distrifusion import (
     resolve_layout,
     simulate_patch_parallel,
 )
-from workbench.distrifusion.comm import CommStats
+from workbench.distrifusion.comm import CommStats, SimulatedComm
 from workbench.distrifusion.config import check_patch_geometry
 from workbench.metrics import psnr
 from workbench.sampling import StepInfo, denoise
@@ -520,3 +520,36 @@ def test_compute_scaling_times_every_setting_and_refuses_thin_patches(uncond):
         compute_scaling(unet, [30], [2], repeats=1)
     with pytest.raises(ValueError, match="devices must all be >= 2"):
         compute_scaling(unet, [32], [1], repeats=1)
+
+
+def test_corrected_group_norm_statistics_are_the_papers_estimate():
+    """Sec. 4.2: E[A_t] ~ E[A_{t+1}] + (E[A_t^(i)] - E[A_{t+1}^(i)]) for E[x] and E[x^2], from raw activations."""
+    from workbench.distrifusion.layers import _corrected
+
+    generator = torch.Generator().manual_seed(0)
+    patches, own, groups, size = 4, 2, 3, 50
+    stale_x = torch.randn(patches, groups, size, generator=generator, dtype=torch.float64) * 2 + 1
+    fresh_x = stale_x[own] + 0.3 * torch.randn(groups, size, generator=generator, dtype=torch.float64)
+
+    def stats(x: torch.Tensor) -> torch.Tensor:  # (..., size) -> (..., 2) mean and biased variance
+        return torch.stack([x.mean(-1), x.var(-1, correction=0)], dim=-1)
+
+    comm = SimulatedComm(PatchLayout(world_size=patches, num_batch_groups=1, num_patches=patches), CommStats())
+    stale = stats(stale_x).reshape(1, patches, 1, groups, 2).expand(patches, -1, -1, -1, -1)
+    fresh = stats(stale_x).reshape(patches, 1, groups, 2).clone()
+    fresh[own] = stats(fresh_x).reshape(1, groups, 2)
+    estimate = _corrected(stale, fresh, comm)[own, 0]  # (G, 2) as the rank of patch `own` sees it
+
+    first = stale_x.mean(dim=(0, 2)) + fresh_x.mean(-1) - stale_x[own].mean(-1)
+    second = (stale_x**2).mean(dim=(0, 2)) + (fresh_x**2).mean(-1) - (stale_x[own] ** 2).mean(-1)
+    assert torch.allclose(estimate[:, 0], first) and torch.allclose(estimate[:, 1], second - first**2)
+    # every other patch sees its own fresh statistics (here equal to the stale): the whole-image ones
+    whole = stats(stale_x.transpose(0, 1).reshape(groups, -1))
+    assert torch.allclose(_corrected(stale, fresh, comm)[0, 0], whole)
+
+    # a negative variance estimate falls back to the patch's own fresh variance: the top patch's mean drops
+    stale = torch.tensor([[10.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]).reshape(1, patches, 1, 1, 2)
+    fresh = stale[0].clone()  # every patch unchanged ...
+    fresh[0] = torch.tensor([0.0, 0.5])  # ... but the top one: E[x^2] estimate 26 + 0.5 - 101 < E[x]^2
+    estimate = _corrected(stale.expand(patches, -1, -1, -1, -1), fresh, comm)[0, 0, 0]
+    assert estimate.tolist() == [2.5 + 0.0 - 10.0, 0.5]

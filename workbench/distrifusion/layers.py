@@ -155,6 +155,13 @@ class _Exchanger:
         self.stale = None
 
 
+def _own_slot(gathered: torch.Tensor, comm: PatchComm) -> torch.Tensor:
+    """Each local patch's own slot of a gathered (P, Np, ...) tensor, (P, ...); a view on a real rank."""
+    if comm.num_local == 1:
+        return gathered[:, comm.patch_rows[0]]
+    return gathered[comm.own_slots]
+
+
 def _with_own(gathered: torch.Tensor, fresh: torch.Tensor, comm: PatchComm) -> torch.Tensor:
     """``gathered`` (P, Np, ...) with each local patch's own slot replaced by its fresh value (P, ...)."""
     out = gathered.clone()
@@ -309,17 +316,18 @@ def _combine(gathered: torch.Tensor) -> torch.Tensor:
 def _corrected(stale: torch.Tensor, fresh: torch.Tensor, comm: PatchComm) -> torch.Tensor:
     """Corrected asynchronous GroupNorm (Sec. 4.2): stale global moments + (fresh - stale) own moments.
 
-    (P, Np, b, G, 2) stale and (P, b, G, 2) fresh (mean, variance) -> (P, b, G, 2) (mean, variance).
+    (P, Np, b, G, 2) stale and (P, b, G, 2) fresh (mean, variance) -> (P, b, G, 2) (mean, variance). With m
+    a mean and v a variance, E[x] = mean_j m_j + (m - m_own) and E[x^2] = mean_j (v_j + m_j^2) +
+    (v + m^2) - (v_own + m_own^2), the stale values indexed j and own, this step's unindexed.
     """
-
-    def moments(stats: torch.Tensor) -> torch.Tensor:  # (..., 2) mean/var -> (..., 2) E[x]/E[x^2]
-        return torch.stack([stats[..., 0], stats[..., 1] + stats[..., 0] ** 2], dim=-1)
-
-    stale_moments = moments(stale)  # (P, Np, b, G, 2)
-    own_stale = stale_moments[comm.own_slots]  # (P, b, G, 2)
-    estimate = stale_moments.mean(dim=1) + (moments(fresh) - own_stale)
-    mean = estimate[..., 0]
-    var = estimate[..., 1] - mean**2
+    own = _own_slot(stale, comm)
+    stale_means = stale[..., 0]
+    mean_of_stale = stale.mean(dim=1)  # (P, b, G, 2): mean_j m_j, mean_j v_j
+    change = fresh - own
+    mean = mean_of_stale[..., 0] + change[..., 0]
+    second = mean_of_stale[..., 1] + stale_means.square().mean(dim=1) + change[..., 1]
+    second += fresh[..., 0].square() - own[..., 0].square()
+    var = second - mean.square()
     var = torch.where(var < 0, fresh[..., 1], var)  # a negative estimate falls back to the patch's own
     return torch.stack([mean, var], dim=-1)
 
