@@ -524,32 +524,61 @@ def test_compute_scaling_times_every_setting_and_refuses_thin_patches(uncond):
 
 def test_corrected_group_norm_statistics_are_the_papers_estimate():
     """Sec. 4.2: E[A_t] ~ E[A_{t+1}] + (E[A_t^(i)] - E[A_{t+1}^(i)]) for E[x] and E[x^2], from raw activations."""
-    from workbench.distrifusion.layers import _corrected
+    from workbench.distrifusion.layers import _combine, _corrected
 
     generator = torch.Generator().manual_seed(0)
     patches, own, groups, size = 4, 2, 3, 50
     stale_x = torch.randn(patches, groups, size, generator=generator, dtype=torch.float64) * 2 + 1
     fresh_x = stale_x[own] + 0.3 * torch.randn(groups, size, generator=generator, dtype=torch.float64)
 
-    def stats(x: torch.Tensor) -> torch.Tensor:  # (..., size) -> (..., 2) mean and biased variance
-        return torch.stack([x.mean(-1), x.var(-1, correction=0)], dim=-1)
+    def stats(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:  # (..., size) -> (..., 3) as the layer sends
+        return torch.stack([x.mean(-1), x.var(-1, correction=0) + eps, (x**2).mean(-1) + eps], dim=-1)
 
     comm = SimulatedComm(PatchLayout(world_size=patches, num_batch_groups=1, num_patches=patches), CommStats())
-    stale = stats(stale_x).reshape(1, patches, 1, groups, 2).expand(patches, -1, -1, -1, -1)
-    fresh = stats(stale_x).reshape(patches, 1, groups, 2).clone()
-    fresh[own] = stats(fresh_x).reshape(1, groups, 2)
-    estimate = _corrected(stale, fresh, comm)[own, 0]  # (G, 2) as the rank of patch `own` sees it
+    stale = stats(stale_x).reshape(1, patches, 1, groups, 3).expand(patches, -1, -1, -1, -1)
+    fresh = stats(stale_x).reshape(patches, 1, groups, 3).clone()
+    fresh[own] = stats(fresh_x).reshape(1, groups, 3)
+    mean, var = (value[own, 0] for value in _corrected(stale, fresh, comm, eps=0.0))  # as patch `own` sees it
 
     first = stale_x.mean(dim=(0, 2)) + fresh_x.mean(-1) - stale_x[own].mean(-1)
     second = (stale_x**2).mean(dim=(0, 2)) + (fresh_x**2).mean(-1) - (stale_x[own] ** 2).mean(-1)
-    assert torch.allclose(estimate[:, 0], first) and torch.allclose(estimate[:, 1], second - first**2)
-    # every other patch sees its own fresh statistics (here equal to the stale): the whole-image ones
+    assert torch.allclose(mean, first) and torch.allclose(var, second - first**2)
+    # every other patch sees its own fresh statistics (here equal to the stale): the whole-image ones, which
+    # a synchronous step combines without the moments' cancellation
     whole = stats(stale_x.transpose(0, 1).reshape(groups, -1))
-    assert torch.allclose(_corrected(stale, fresh, comm)[0, 0], whole)
+    for estimate in (_corrected(stale, fresh, comm, eps=0.0), _combine(stale)):
+        assert torch.allclose(estimate[0][0, 0], whole[:, 0]) and torch.allclose(estimate[1][0, 0], whole[:, 1])
 
     # a negative variance estimate falls back to the patch's own fresh variance: the top patch's mean drops
-    stale = torch.tensor([[10.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]).reshape(1, patches, 1, 1, 2)
-    fresh = stale[0].clone()  # every patch unchanged ...
-    fresh[0] = torch.tensor([0.0, 0.5])  # ... but the top one: E[x^2] estimate 26 + 0.5 - 101 < E[x]^2
-    estimate = _corrected(stale.expand(patches, -1, -1, -1, -1), fresh, comm)[0, 0, 0]
-    assert estimate.tolist() == [2.5 + 0.0 - 10.0, 0.5]
+    for eps in (0.0, 0.25):  # the layer sends variances and E[x^2] with GroupNorm's eps added
+        stale = torch.tensor([[10.0, 1.0, 101.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+        stale = (stale + torch.tensor([0.0, eps, eps])).reshape(1, patches, 1, 1, 3)
+        fresh = stale[0].clone()  # every patch unchanged ...
+        fresh[0] = torch.tensor([0.0, 0.5 + eps, 0.5 + eps])  # ... but the top one: E[x^2] 26 + 0.5 - 101 < E[x]^2
+        mean, var = _corrected(stale.expand(patches, -1, -1, -1, -1), fresh, comm, eps=eps)
+        assert (mean[0, 0, 0].item(), var[0, 0, 0].item()) == (2.5 + 0.0 - 10.0, 0.5 + eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [4, 8])  # one and two channels per group
+def test_patch_group_norm_uses_whole_image_statistics(dtype, channels):
+    """A synchronous PatchGroupNorm on stacked row patches equals nn.GroupNorm on the whole image (batch 2)."""
+    from workbench.distrifusion.layers import LayerContext, PatchGroupNorm
+
+    patches, batch, height, width = 2, 2, 6, 5
+    norm = nn.GroupNorm(4, channels)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(1))
+        norm.bias.normal_(generator=torch.Generator().manual_seed(2))
+    norm = norm.to(dtype)
+    image = torch.randn(batch, channels, patches * height, width, generator=torch.Generator().manual_seed(0))
+    image = (image * 3 + torch.arange(patches * height).view(-1, 1)).to(dtype)  # patches differ in mean
+    stacked = torch.cat(image.split(height, dim=2))  # (P * b, C, h, W), patch-major as the simulator stacks
+    comm = SimulatedComm(PatchLayout(world_size=patches, num_batch_groups=1, num_patches=patches), CommStats())
+    layer = PatchGroupNorm(norm, LayerContext(mode="full_sync", warmup_steps=0, comm=comm))
+    with torch.no_grad():
+        out = layer(stacked)
+        expected = torch.cat(norm(image).split(height, dim=2))
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
