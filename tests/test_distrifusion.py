@@ -582,3 +582,23 @@ def test_patch_group_norm_uses_whole_image_statistics(dtype, channels):
     assert out.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"),
+    [(3, 1, 1), (3, 2, 1), ((3, 1), 1, (1, 0)), (5, 1, 2)],  # edge-row corrections; the taller input for 5x5
+)
+def test_halo_convolution_equals_the_whole_image_convolution(kernel, stride, padding):
+    """A synchronous HaloConv2d on stacked row patches (top, middle, bottom) equals nn.Conv2d on the whole image."""
+    from workbench.distrifusion.layers import HaloConv2d, LayerContext
+
+    patches, batch, height, width = 4, 2, 4, 6
+    conv = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding)
+    image = torch.randn(batch, 3, patches * height, width, generator=torch.Generator().manual_seed(0))
+    comm = SimulatedComm(PatchLayout(world_size=patches, num_batch_groups=1, num_patches=patches), CommStats())
+    layer = HaloConv2d(conv, LayerContext(mode="full_sync", warmup_steps=0, comm=comm))
+    assert layer.corrects_edge_rows == (kernel != 5)
+    with torch.no_grad():
+        out = layer(torch.cat(image.split(height, dim=2)))
+        expected = torch.cat(conv(image).split(height // stride, dim=2))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
