@@ -39,6 +39,19 @@ def test_bench_toyworld_prints_the_machine_and_the_rate():
     result = _run("bench", "toyworld", "--n", "500", "--repeats", "1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("machine: ") and "images/s" in result.stdout
+    # benchmarks time with glibc keeping freed memory (no page faults on every fresh large tensor)
+    assert "glibc malloc keeps freed memory" in result.stdout.splitlines()[0]
+
+
+def test_steady_allocator_reaches_the_processes_started_afterwards():
+    code = (
+        "import os, subprocess, sys; from workbench.runtime import steady_cpu_allocator as s; print(s()); "
+        "print(subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"MALLOC_MMAP_THRESHOLD_\"])'], "
+        "capture_output=True, text=True).stdout.strip())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", str(1 << 30)]
 
 
 def test_reproduction_report_has_the_zoo_section(tmp_path):

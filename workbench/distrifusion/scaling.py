@@ -34,6 +34,7 @@ from workbench.distrifusion.comm import CommStats, PatchComm, PendingGather
 from workbench.distrifusion.config import Mode, PatchLayout, PatchParallelConfig
 from workbench.distrifusion.layers import count_downsamples
 from workbench.distrifusion.runner import _parallelized
+from workbench.runtime import steady_cpu_allocator
 
 __all__ = ["ComputeOnlyComm", "ScalingRow", "compute_scaling", "rank_compute_ms"]
 
@@ -143,13 +144,16 @@ def compute_scaling(
     repeats: int = 5,
     mode: Mode = "corrected_async_gn",
     progress: bool = True,
+    steady_allocator: bool = True,
 ) -> list[ScalingRow]:
     """Modelled speed-up against canvas size (square canvases of side ``sizes``, N in ``devices``).
 
     The settings are timed in interleaved rounds, so that a drift in the machine's speed hits them alike;
     each keeps its best. Ranks run in ``mode``'s steady state (see :func:`rank_compute_ms`). On a CPU with
     one thread, so that a small patch and the whole image get the same (serial) efficiency and what
-    remains is the method's own overhead.
+    remains is the method's own overhead; and, with ``steady_allocator``, with glibc keeping freed memory
+    (process-wide, :func:`workbench.runtime.steady_cpu_allocator`): with the default allocator the
+    one-device call of a large canvas pays page faults that a rank's patches do not, which flatters the split.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -172,6 +176,8 @@ def compute_scaling(
     previous = torch.get_num_threads()
     if unet.device.type == "cpu":
         torch.set_num_threads(1)
+        if steady_allocator:
+            steady_cpu_allocator()
     try:
         for _ in tqdm(range(repeats), desc="scaling rounds", disable=not progress):
             time_once((0, 1), smallest, 1, calls=3)
