@@ -32,7 +32,7 @@ def steady_cpu_allocator() -> bool:
     OS on every allocation, each page faulting on first touch, and hands freed memory at the top of the
     heap back. PyTorch on a CPU allocates every activation afresh, so a one-device UNet call on a large
     canvas pays those faults and a rank's smaller patches pay fewer: the toy model's call at 512x512 is
-    ~17 % slower, and a modelled speed-up against it reads 112-116 % of the ideal instead of 97-99 %.
+    ~17 % slower, and a modelled speed-up against it reads 112-116 % of the ideal instead of 96-99 %.
     Raising both thresholds to 1 GiB takes the effect out of timings (the memory stays with the process).
     Processes started from here afterwards (the ranks of a launch) get the same through the environment.
     """

@@ -249,9 +249,9 @@ class HaloConv2d(nn.Module):
             )
         out = self._conv(x, self.conv.padding)
         if above is not None:  # output row 0 sees the row above through the kernel's top row
-            out[:, :, :1] += self._edge_conv(above, 0)
+            out[:, :, :1].add_(self._edge_conv(above, 0))  # add_ on the view: no write-back copy
         if below is not None and stride == 1:  # with stride 2 the last output row ends inside the patch
-            out[:, :, -1:] += self._edge_conv(below, 2)
+            out[:, :, -1:].add_(self._edge_conv(below, 2))
         return out
 
     def _conv(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
