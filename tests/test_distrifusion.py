@@ -602,3 +602,19 @@ def test_halo_convolution_equals_the_whole_image_convolution(kernel, stride, pad
         out = layer(torch.cat(image.split(height, dim=2)))
         expected = torch.cat(conv(image).split(height // stride, dim=2))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compute_only_rank_has_neighbours_on_both_sides():
+    """The timed rank does the most work any rank does: with four patches, halo rows above and below."""
+    from workbench.distrifusion.layers import HaloConv2d, LayerContext
+    from workbench.distrifusion.scaling import ComputeOnlyComm
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    comm = ComputeOnlyComm(PatchLayout(world_size=4, num_batch_groups=1, num_patches=4), CommStats())
+    layer = HaloConv2d(conv, LayerContext(mode="full_sync", warmup_steps=0, comm=comm))
+    with torch.no_grad():  # every "gather" repeats this patch: its bottom row above it, its top row below
+        expected = nn.functional.conv2d(
+            torch.cat([x[:, :, -1:], x, x[:, :, :1]], dim=2), conv.weight, conv.bias, padding=(0, 1)
+        )
+        torch.testing.assert_close(layer(x), expected)

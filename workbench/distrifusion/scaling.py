@@ -40,14 +40,17 @@ __all__ = ["ComputeOnlyComm", "ScalingRow", "compute_scaling", "rank_compute_ms"
 
 
 class ComputeOnlyComm(PatchComm):
-    """Rank 0's shapes without communication: every "gather" repeats the local tensor (wrong values, same work).
+    """One rank's work without communication: every "gather" repeats the local tensor (wrong values, same work).
 
-    Timing a UNet call under it measures what one rank computes with the communication taken out.
+    Timing a UNet call under it measures what one rank computes with the communication taken out. The rank
+    is the second patch: with three or more patches it has neighbours on both sides, the most work any rank
+    does (the step waits for the slowest).
     """
 
     def __init__(self, layout: PatchLayout, stats: CommStats):
         self.layout, self.stats, self.num_local = layout, stats, 1
-        self.patch_index, self.batch_group = torch.tensor([0]), torch.tensor([0])
+        self.patch_index = torch.tensor([min(1, layout.num_patches - 1)])
+        self.batch_group = torch.tensor([0])
 
     def all_gather(self, fresh: torch.Tensor, *, kind: str, async_op: bool = False) -> PendingGather:
         return PendingGather(fresh.unsqueeze(1).expand(1, self.num_patches, *fresh.shape[1:]).contiguous())
