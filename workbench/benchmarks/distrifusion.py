@@ -283,9 +283,10 @@ def _bench_scenario(
     print(
         "rank compute (measured): one rank's share of a UNet call in the mode's steady state (its batch half "
         "under the guidance split, its rows with halos, its queries against all keys) with the gathers replaced "
-        "by local copies, best of 7, in this process. MODELLED speed-up = single-device compute / rank compute: "
-        "N devices like this one, communication fully hidden (an upper bound, not a measurement; naive patches "
-        "skip the whole image's keys, so theirs can pass N). blocked ms: time rank 0 spent waiting "
+        "by local copies, best of 7, in this process with its threads (a small patch uses several threads less "
+        "well than the whole image; the scaling table pins one). MODELLED speed-up = single-device compute / "
+        "rank compute: N devices like this one, communication fully hidden (an upper bound, not a measurement; "
+        "naive patches skip the whole image's keys, so theirs can pass N). blocked ms: time rank 0 spent waiting "
         "for gathers per step after the warm-up (synchronous gathers in full, asynchronous ones only where "
         "compute did not hide them); of it output: the synchronous gather of the step's output, which the "
         "method does not overlap (it includes waiting for the slowest rank)."
