@@ -180,8 +180,9 @@ def _neighbour_rows(gathered: torch.Tensor, patch_rows: list[int], offset: int, 
         gathered[k, i + offset, ..., rows, :] if 0 <= i + offset < num_patches else None
         for k, i in enumerate(patch_rows)
     ]
-    shape = gathered[0, 0, ..., rows, :].shape
-    parts = [part if part is not None else gathered.new_zeros(shape) for part in parts]
+    if any(part is None for part in parts):
+        zeros = gathered.new_zeros(gathered[0, 0, ..., rows, :].shape)
+        parts = [zeros if part is None else part for part in parts]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
