@@ -51,7 +51,7 @@ def steady_cpu_allocator() -> bool:
 
 
 def describe_machine() -> str:
-    """CPU, core count, torch threads and GPU (if any): the line every benchmark prints first."""
+    """CPU, core count, torch threads, GPU (if any) and allocator: the line every benchmark prints first."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
