@@ -522,6 +522,62 @@ def test_compute_scaling_times_every_setting_and_refuses_thin_patches(uncond):
         compute_scaling(unet, [32], [1], repeats=1)
 
 
+def test_kind_timer_counts_nested_layers_exclusively():
+    from workbench.distrifusion.breakdown import KindTimer
+
+    ticks = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0, 16.0])
+    timer = KindTimer(clock=lambda: next(ticks))
+    timer.enter("attention")  # 0
+    timer.enter("norm")  # 1: attention ran 1
+    timer.exit()  # 3: norm ran 2
+    timer.enter("norm")  # 6: attention ran 3 more
+    timer.exit()  # 10: norm ran 4 more
+    timer.exit()  # 15: attention ran 5 more
+    assert dict(timer.seconds) == {"attention": 9.0, "norm": 6.0}
+    timer.enter("norm")
+    with pytest.raises(RuntimeError, match="inside a timed layer"):
+        timer.clear()
+
+
+def test_rank_breakdown_times_each_patch_layer_once(uncond):
+    from workbench.distrifusion.breakdown import KINDS, layer_kind, rank_breakdown
+    from workbench.plots.distrifusion import breakdown_figure
+
+    unet, _ = uncond
+    stock = {kind: sum(layer_kind(m) == kind for m in unet.modules()) for kind in KINDS[:-1]}
+    assert min(stock.values()) > 0
+    threads = torch.get_num_threads()
+    rows = rank_breakdown(unet, height=32, width=32, num_devices=2, repeats=1)
+    assert torch.get_num_threads() == threads
+    assert [row.kind for row in rows] == list(KINDS)
+    # every stock layer of a kind is timed once on the rank, as its patch layer (not also as the wrapped one)
+    assert {row.kind: row.layers for row in rows[:-1]} == stock
+    assert all(row.ideal_ms > 0 and row.rank_ms > 0 for row in rows)
+    assert "forward" not in vars(unet) and all(
+        not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules()
+    )
+    assert isinstance(breakdown_figure(rows), matplotlib.figure.Figure)
+    with pytest.raises(ValueError, match="num_devices must be >= 2"):
+        rank_breakdown(unet, height=32, width=32, num_devices=1)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        rank_breakdown(unet, height=32, width=32, num_devices=2, repeats=0)
+
+
+def test_bench_breakdown_table_adds_up(capsys):
+    from workbench.benchmarks.distrifusion import _breakdown_tables
+
+    _breakdown_tables("random:toy-uncond", "random-init", 64, [2, 64], repeats=1, device=torch.device("cpu"))
+    out = capsys.readouterr().out
+    table = out.split("N = 2,")[1].split("== where")[0]
+    kinds = [line.split() for line in table.splitlines() if line.split()[-1:] and line.split()[-1][0] in "+-"]
+    ideal, rank = (sum(float(row[-3 + i]) for row in kinds) for i in range(2))
+    total = next(line.split() for line in table.splitlines() if line.split()[:1] == ["total"])
+    assert len(kinds) == 4 and float(total[1]) == pytest.approx(ideal, abs=0.02)
+    assert float(total[2]) == pytest.approx(rank, abs=0.02)
+    assert float(total[-1].rstrip("%")) == pytest.approx(100 * ideal / rank, abs=1)
+    assert "refused" in out.split("N = 64,")[1]  # 64 patches of one row: too thin for the UNet
+
+
 def test_corrected_group_norm_statistics_are_the_papers_estimate():
     """Sec. 4.2: E[A_t] ~ E[A_{t+1}] + (E[A_t^(i)] - E[A_{t+1}^(i)]) for E[x] and E[x^2], from raw activations."""
     from workbench.distrifusion.layers import _combine, _corrected

@@ -13,7 +13,9 @@ convolutional toy UNet2DModel at 128x128), it measures:
   process) and the *modelled* speed-up ``T(one device) / T(one rank's compute)``: one device per rank,
   communication fully hidden (the paper's goal, DistriFusion Sec. 4.1), an upper bound, not a measurement;
   and against canvas size, with the bound that the UNet's fixed per-call cost puts on any split
-  (:mod:`workbench.distrifusion.scaling`).
+  (:mod:`workbench.distrifusion.scaling`);
+* where one rank's time goes, by kind of layer, against the same layers' share of the one-device call
+  (:mod:`workbench.distrifusion.breakdown`).
 
 On a CPU machine all ranks share its cores, so the measured multi-process latencies show overheads,
 not speed-ups; the table says so.
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from workbench import launch
+from workbench.distrifusion.breakdown import KINDS, rank_breakdown
 from workbench.distrifusion.config import MODES, PatchParallelConfig
 from workbench.distrifusion.layers import count_downsamples
 from workbench.distrifusion.runner import _collective_device, generate, load_generation_pipeline
@@ -113,6 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         help="canvas sides of the compute-scaling table (default 128 256 512)",
     )
     parser.add_argument(
+        "--breakdown",
+        type=int,
+        default=None,
+        help="canvas side of the per-layer breakdown of a rank's time (default: the second scaling side; 0: none)",
+    )
+    parser.add_argument(
         "--device",
         default=None,
         help="cpu or cuda[:k]: where the single-device runs and the rank compute run (default: cuda if available)",
@@ -174,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     sizes = args.scaling if args.scaling is not None else ([64] if quick else [128, 256, 512])
     if sizes:
         _scaling_table(uncond, uncond_label, sizes, args.devices, repeats=3 if quick else 5, device=device)
+    side = args.breakdown if args.breakdown is not None else (sizes[min(1, len(sizes) - 1)] if sizes else 0)
+    if side:
+        _breakdown_tables(uncond, uncond_label, side, args.devices, repeats=3 if quick else 5, device=device)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
         print(f"written to {args.json}")
@@ -329,6 +341,33 @@ def _scaling_table(
     print(
         "of ideal = modelled speed-up / N; the target is >= 90 % (within 10 % of the N-fold reduction). "
         "bound = the most a split can reach with F undivided."
+    )
+
+
+def _breakdown_tables(
+    model: str, label: str, side: int, devices: list[int], *, repeats: int, device: torch.device
+) -> None:
+    """Print :func:`~workbench.distrifusion.breakdown.rank_breakdown` at one canvas for every N."""
+    pipe, _ = load_generation_pipeline(model)
+    pipe.to(device)
+    where = "1 CPU thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    for n in devices:
+        print(f"\n== where one rank's time goes, {label}, {side}x{side}, N = {n}, {where}, ms per UNet call ==")
+        try:
+            rows = rank_breakdown(pipe.unet, height=side, width=side, num_devices=n, repeats=repeats)
+        except ValueError as error:
+            print(f"refused: {error}")
+            continue
+        print(f"{'layers':>26} {'count':>5} {'ideal share':>11} {'rank':>8} {'excess':>8}")
+        for row in rows:
+            count = str(row.layers) if row.kind != KINDS[-1] else "-"
+            print(f"{row.kind:>26} {count:>5} {row.ideal_ms:>11.2f} {row.rank_ms:>8.2f} {row.excess_ms:>+8.2f}")
+        ideal, rank = sum(row.ideal_ms for row in rows), sum(row.rank_ms for row in rows)
+        total = f"{'total':>26} {'':>5} {ideal:>11.2f} {rank:>8.2f} {rank - ideal:>+8.2f}"
+        print(f"{total}   of ideal {ideal / rank:.0%}")
+    print(
+        "ideal share = the one-device call's time in those layers / N; exclusive times from forward hooks; "
+        "the rank as in the scaling table."
     )
 
 

@@ -16,6 +16,7 @@ module                     what it holds
 ``simulate``               :func:`simulate_patch_parallel` (N ranks in one process), :func:`measure_staleness`
 ``experiment``             the notebook's and the reproduction report's experiments
 ``scaling``                what one rank computes; the modelled speed-up against canvas size
+``breakdown``              where one rank's time goes, by kind of layer, against the ideal share
 ``cli``                    ``torchrun --nproc_per_node=N -m workbench distrifusion ...``
 =========================  ==================================================================================
 

@@ -36,7 +36,7 @@ from workbench.distrifusion.layers import count_downsamples
 from workbench.distrifusion.runner import _parallelized
 from workbench.runtime import steady_cpu_allocator
 
-__all__ = ["ComputeOnlyComm", "ScalingRow", "compute_scaling", "rank_compute_ms"]
+__all__ = ["ComputeOnlyComm", "ScalingRow", "compute_scaling", "rank_compute_ms", "unet_inputs"]
 
 
 class ComputeOnlyComm(PatchComm):
@@ -83,13 +83,7 @@ def rank_compute_ms(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = unet.device
-    sample = torch.randn(
-        batch_size, unet.config.in_channels, height, width, generator=torch.Generator().manual_seed(0)
-    ).to(device, unet.dtype)
-    kwargs = {}
-    if getattr(unet.config, "cross_attention_dim", None):
-        text = torch.zeros(batch_size, 8, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
-        kwargs["encoder_hidden_states"] = text
+    sample, kwargs = unet_inputs(unet, batch_size=batch_size, height=height, width=width)
     parallel = (
         _parallelized(unet, PatchParallelConfig(mode=mode, warmup_steps=0), num_devices, ComputeOnlyComm)
         if num_devices > 1
@@ -104,6 +98,19 @@ def rank_compute_ms(
             _synchronize(device)
             times.append(time.perf_counter() - start)
     return min(times[1:]) * 1e3
+
+
+def unet_inputs(unet: ModelMixin, *, batch_size: int, height: int, width: int) -> tuple[torch.Tensor, dict]:
+    """A fixed noise sample for timing ``unet`` on its device and dtype, and its keyword arguments (an
+    all-zero text embedding of 8 tokens for a text-conditioned UNet)."""
+    device, dtype = unet.device, unet.dtype
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(batch_size, unet.config.in_channels, height, width, generator=generator).to(device, dtype)
+    kwargs = {}
+    if getattr(unet.config, "cross_attention_dim", None):
+        text = torch.zeros(batch_size, 8, unet.config.cross_attention_dim, device=device, dtype=dtype)
+        kwargs["encoder_hidden_states"] = text
+    return sample, kwargs
 
 
 def _synchronize(device: torch.device) -> None:

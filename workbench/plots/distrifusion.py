@@ -1,4 +1,5 @@
-"""Figures for DistriFusion (notebook 02, the reproduction report): the idea, images, staleness, PSNR, scaling.
+"""Figures for DistriFusion (notebook 02, the reproduction report): the idea, images, staleness, PSNR, scaling,
+and where a rank's time goes.
 
 Every function takes data (and, where it draws one panel, an optional ``ax``) and returns the ``Figure``.
 """
@@ -16,11 +17,19 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
 if TYPE_CHECKING:
+    from workbench.distrifusion.breakdown import LayerKindTime
     from workbench.distrifusion.experiment import ModeComparison
     from workbench.distrifusion.scaling import ScalingRow
     from workbench.distrifusion.simulate import StalenessRecord
 
-__all__ = ["comparison_figure", "patch_diagram", "psnr_figure", "scaling_figure", "staleness_figure"]
+__all__ = [
+    "breakdown_figure",
+    "comparison_figure",
+    "patch_diagram",
+    "psnr_figure",
+    "scaling_figure",
+    "staleness_figure",
+]
 
 _COLOURS = plt.get_cmap("tab10").colors
 
@@ -217,4 +226,33 @@ def scaling_figure(rows: Sequence[ScalingRow], *, ax: plt.Axes | None = None, ta
     ax.set_ylabel("of the ideal N-fold reduction (%)")
     ax.set_title("One rank's compute against 1/N of the whole")
     ax.legend(fontsize=8)
+    return fig
+
+
+def breakdown_figure(rows: Sequence[LayerKindTime], *, ax: plt.Axes | None = None) -> Figure:
+    """One rank's time per kind of layer (:func:`~workbench.distrifusion.breakdown.rank_breakdown`) next to
+    the ideal share, the one-device call's time in those layers / N."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 2.8))
+    fig = ax.figure
+    y = np.arange(len(rows))
+    ax.barh(
+        y - 0.2, [row.ideal_ms for row in rows], height=0.4, color="lightgrey", label="ideal share (one device / N)"
+    )
+    ax.barh(y + 0.2, [row.rank_ms for row in rows], height=0.4, color=_COLOURS[0], label="one rank")
+    for k, row in enumerate(rows):
+        ax.annotate(
+            f"{row.excess_ms:+.1f}",
+            (max(row.ideal_ms, row.rank_ms), k),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    ax.set_yticks(y, [row.kind for row in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15 * max(max(row.ideal_ms, row.rank_ms) for row in rows))
+    ax.set_xlabel("ms per UNet call (numbers: the rank's excess over the ideal share)")
+    ax.set_title("Where one rank's time goes")
+    ax.legend(fontsize=8, loc="lower right")
     return fig
