@@ -11,8 +11,10 @@ module splits both sides by the kinds of layer that DistriFusion changes (Li et 
 
 For each kind, the *ideal share* is the one-device call's time in those layers divided by N, and the
 excess of the rank over it is that kind's contribution to the gap between "of ideal" and 100 %. Times are
-exclusive (a GroupNorm inside an attention module counts as GroupNorm only) and come from forward hooks,
-whose own cost (a few µs per layer) falls alike on both sides. The rank is timed as in
+exclusive (a GroupNorm inside an attention module counts as GroupNorm only) and come from forward hooks.
+The hooks' own cost (µs per layer, the same layers on both sides) falls mostly outside the clock readings,
+so under "everything else", where the rank pays it whole and the ideal share 1/N of it: a small part of
+that row's excess, the largest part on small canvases. The rank is timed as in
 :func:`~workbench.distrifusion.scaling.rank_compute_ms`: a middle rank in ``mode``'s steady state, its
 gathers replaced by local copies.
 """
