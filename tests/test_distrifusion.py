@@ -493,6 +493,14 @@ def test_bench_refuses_a_device_it_cannot_use(device, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bench_refuses_an_empty_scaling_batch(capsys):
+    from workbench.benchmarks.distrifusion import main
+
+    with pytest.raises(SystemExit):
+        main(["--scaling-batch", "0"])
+    assert "--scaling-batch must be >= 1" in capsys.readouterr().err
+
+
 def test_scaling_rows_model_the_speedup_and_its_bound():
     from workbench.distrifusion.scaling import ScalingRow
 
@@ -520,6 +528,20 @@ def test_compute_scaling_times_every_setting_and_refuses_thin_patches(uncond):
         compute_scaling(unet, [30], [2], repeats=1)
     with pytest.raises(ValueError, match="devices must all be >= 2"):
         compute_scaling(unet, [32], [1], repeats=1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        compute_scaling(unet, [32], [2], repeats=1, batch_size=0)
+
+
+def test_compute_scaling_with_a_guidance_batch_splits_it_over_the_ranks(uncond):
+    from workbench.distrifusion.scaling import compute_scaling
+
+    unet, _ = uncond
+    rows = compute_scaling(unet, [32], [2, 16], repeats=1, batch_size=2, progress=False)
+    # 16 ranks split the batch first: 8 row patches of 4 rows per half, which the UNet's levels allow ...
+    assert [(row.num_devices, row.batch_size, row.refused) for row in rows] == [(2, 2, None), (16, 2, None)]
+    # ... where one image over 16 ranks would be 16 patches of 2 rows, too thin
+    (single,) = compute_scaling(unet, [32], [16], repeats=1, progress=False)
+    assert single.batch_size == 1 and single.refused
 
 
 def test_kind_timer_counts_nested_layers_exclusively():

@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         help="canvas sides of the compute-scaling table (default 128 256 512)",
     )
     parser.add_argument(
+        "--scaling-batch",
+        type=int,
+        default=1,
+        help="batch of the scaling table; 2 as under classifier-free guidance, whose halves the ranks split",
+    )
+    parser.add_argument(
         "--breakdown",
         type=int,
         default=None,
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--device must be cpu or cuda[:k], got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here")
+    if args.scaling_batch < 1:
+        parser.error(f"--scaling-batch must be >= 1, got {args.scaling_batch}")
     quick = args.quick or quick_mode()
     steps = args.steps or (8 if quick else 20)
     modes = args.modes or (
@@ -182,7 +190,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     sizes = args.scaling if args.scaling is not None else ([64] if quick else [128, 256, 512])
     if sizes:
-        _scaling_table(uncond, uncond_label, sizes, args.devices, repeats=3 if quick else 5, device=device)
+        _scaling_table(
+            uncond,
+            uncond_label,
+            sizes,
+            args.devices,
+            repeats=3 if quick else 5,
+            device=device,
+            batch_size=args.scaling_batch,
+        )
     side = args.breakdown if args.breakdown is not None else (sizes[min(1, len(sizes) - 1)] if sizes else 0)
     if side:
         _breakdown_tables(uncond, uncond_label, side, args.devices, repeats=3 if quick else 5, device=device)
@@ -314,16 +330,24 @@ def _rank_ms_or_nan(unet, num_devices: int, mode: str, shape: dict) -> float:
 
 
 def _scaling_table(
-    model: str, label: str, sizes: list[int], devices: list[int], *, repeats: int, device: torch.device | None = None
+    model: str,
+    label: str,
+    sizes: list[int],
+    devices: list[int],
+    *,
+    repeats: int,
+    device: torch.device | None = None,
+    batch_size: int = 1,
 ) -> None:
     """Print :func:`~workbench.distrifusion.scaling.compute_scaling`: modelled speed-up, of ideal and the bound
     that the fixed per-call cost puts on any split, against canvas size."""
     device = device or torch.device("cpu")
     pipe, _ = load_generation_pipeline(model)
     pipe.to(device)
-    rows = compute_scaling(pipe.unet, sizes, devices, repeats=repeats)
+    rows = compute_scaling(pipe.unet, sizes, devices, repeats=repeats, batch_size=batch_size)
     where = "1 CPU thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"\n== compute scaling, {label}, {where}, best of {repeats} interleaved rounds ==")
+    batch = "" if batch_size == 1 else f", batch {batch_size} (split over the ranks first, as under guidance)"
+    print(f"\n== compute scaling, {label}{batch}, {where}, best of {repeats} interleaved rounds ==")
     smallest = 2 ** count_downsamples(pipe.unet)
     print(f"fixed cost of a UNet call (one device, {smallest}x{smallest} canvas): F = {rows[0].fixed_ms:.1f} ms")
     print(

@@ -128,6 +128,7 @@ class ScalingRow:
     rank_ms: float
     fixed_ms: float
     refused: str | None = None
+    batch_size: int = 1
 
     @property
     def speedup(self) -> float:
@@ -153,10 +154,14 @@ def compute_scaling(
     *,
     repeats: int = 5,
     mode: Mode = "corrected_async_gn",
+    batch_size: int = 1,
     progress: bool = True,
     steady_allocator: bool = True,
 ) -> list[ScalingRow]:
     """Modelled speed-up against canvas size (square canvases of side ``sizes``, N in ``devices``).
+
+    With ``batch_size`` 2, a call as under classifier-free guidance and the paper's default layout: with an
+    even N the ranks split the batch first and the rows within each half (N = 2: no patches at all).
 
     The settings are timed in interleaved rounds, so that a drift in the machine's speed hits them alike;
     each keeps its best. Ranks run in ``mode``'s steady state (see :func:`rank_compute_ms`). On a CPU with
@@ -167,6 +172,8 @@ def compute_scaling(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(n < 2 for n in devices):
         raise ValueError(f"devices must all be >= 2, got {devices}")
     smallest = 2 ** count_downsamples(unet)
@@ -177,7 +184,9 @@ def compute_scaling(
 
     def time_once(key: tuple[int, int], side: int, n: int, calls: int) -> None:
         try:
-            ms = rank_compute_ms(unet, height=side, width=side, num_devices=n, repeats=calls, mode=mode)
+            ms = rank_compute_ms(
+                unet, height=side, width=side, num_devices=n, batch_size=batch_size, repeats=calls, mode=mode
+            )
         except ValueError as error:
             refused[key] = str(error)
             return
@@ -198,7 +207,9 @@ def compute_scaling(
     finally:
         torch.set_num_threads(previous)
     return [
-        ScalingRow(size, n, best[size, 1], best.get((size, n), math.nan), best[0, 1], refused.get((size, n)))
+        ScalingRow(
+            size, n, best[size, 1], best.get((size, n), math.nan), best[0, 1], refused.get((size, n)), batch_size
+        )
         for size in sizes
         for n in devices
     ]
