@@ -21,6 +21,7 @@ gathers replaced by local copies.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -35,8 +36,7 @@ from torch import nn
 from workbench.distrifusion.config import Mode, PatchParallelConfig
 from workbench.distrifusion.layers import HaloConv2d, PatchGroupNorm, _is_self_attention
 from workbench.distrifusion.runner import _parallelized
-from workbench.distrifusion.scaling import ComputeOnlyComm, unet_inputs
-from workbench.runtime import steady_cpu_allocator
+from workbench.distrifusion.scaling import ComputeOnlyComm, _synchronize, serial_cpu_timing, unet_inputs
 
 __all__ = ["KINDS", "KindTimer", "LayerKindTime", "layer_kind", "rank_breakdown"]
 
@@ -152,9 +152,7 @@ def rank_breakdown(
     device = unet.device
     sample, kwargs = unet_inputs(unet, batch_size=1, height=height, width=width)
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    synchronize = functools.partial(_synchronize, device)
 
     def timed_call(timer: KindTimer) -> tuple[float, dict[str, float]]:
         timer.clear()
@@ -167,25 +165,17 @@ def rank_breakdown(
     timer = KindTimer()
     config = PatchParallelConfig(mode=mode, warmup_steps=0)
     best: dict[str, tuple[float, dict[str, float]]] = {}
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-        if steady_allocator:
-            steady_cpu_allocator()
-    try:
-        with torch.no_grad():
-            for round_ in range(repeats + 1):  # round 0 untimed
-                with _timed_kinds(unet, timer, synchronize):
-                    timings = {"one": timed_call(timer)}
-                with _parallelized(unet, config, num_devices, ComputeOnlyComm):
-                    unet(sample, 500, **kwargs)  # installs the patch layers; step 0 is synchronous
-                    with _timed_kinds(unet, timer, synchronize) as rank_counts:
-                        timings["rank"] = timed_call(timer)
-                for side, timing in timings.items():
-                    if round_ > 0 and (side not in best or timing[0] < best[side][0]):
-                        best[side] = timing
-    finally:
-        torch.set_num_threads(previous)
+    with serial_cpu_timing(device, steady_allocator=steady_allocator), torch.no_grad():
+        for round_ in range(repeats + 1):  # round 0 untimed
+            with _timed_kinds(unet, timer, synchronize):
+                timings = {"one": timed_call(timer)}
+            with _parallelized(unet, config, num_devices, ComputeOnlyComm):
+                unet(sample, 500, **kwargs)  # installs the patch layers; step 0 is synchronous
+                with _timed_kinds(unet, timer, synchronize) as rank_counts:
+                    timings["rank"] = timed_call(timer)
+            for side, timing in timings.items():
+                if round_ > 0 and (side not in best or timing[0] < best[side][0]):
+                    best[side] = timing
 
     rows = []
     for kind in KINDS:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from workbench.distrifusion.layers import count_downsamples
 from workbench.distrifusion.runner import _parallelized
 from workbench.runtime import steady_cpu_allocator
 
-__all__ = ["ComputeOnlyComm", "ScalingRow", "compute_scaling", "rank_compute_ms", "unet_inputs"]
+__all__ = ["ComputeOnlyComm", "ScalingRow", "compute_scaling", "rank_compute_ms", "serial_cpu_timing", "unet_inputs"]
 
 
 class ComputeOnlyComm(PatchComm):
@@ -118,6 +119,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def serial_cpu_timing(device: torch.device, *, steady_allocator: bool) -> Iterator[None]:
+    """On a CPU, one thread for the block (and, with ``steady_allocator``, glibc keeping freed memory from
+    now on, :func:`workbench.runtime.steady_cpu_allocator`); nothing on a GPU."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+        if steady_allocator:
+            steady_cpu_allocator()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @dataclass(frozen=True)
 class ScalingRow:
     """One (canvas, N) of :func:`compute_scaling`; times in ms, ``rank_ms`` NaN where the canvas was refused."""
@@ -192,20 +208,13 @@ def compute_scaling(
             return
         best[key] = min(best.get(key, math.inf), ms)
 
-    previous = torch.get_num_threads()
-    if unet.device.type == "cpu":
-        torch.set_num_threads(1)
-        if steady_allocator:
-            steady_cpu_allocator()
-    try:
+    with serial_cpu_timing(unet.device, steady_allocator=steady_allocator):
         for _ in tqdm(range(repeats), desc="scaling rounds", disable=not progress):
             time_once((0, 1), smallest, 1, calls=3)
             for size in sizes:
                 for n in [1, *devices]:
                     if (size, n) not in refused:
                         time_once((size, n), size, n, calls=1)
-    finally:
-        torch.set_num_threads(previous)
     return [
         ScalingRow(
             size, n, best[size, 1], best.get((size, n), math.nan), best[0, 1], refused.get((size, n)), batch_size
