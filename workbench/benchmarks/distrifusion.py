@@ -345,7 +345,7 @@ def _scaling_table(
     pipe, _ = load_generation_pipeline(model)
     pipe.to(device)
     rows = compute_scaling(pipe.unet, sizes, devices, repeats=repeats, batch_size=batch_size)
-    where = "1 CPU thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    where = _timing_device_label(device)
     batch = "" if batch_size == 1 else f", batch {batch_size} (split over the ranks first, as under guidance)"
     print(f"\n== compute scaling, {label}{batch}, {where}, best of {repeats} interleaved rounds ==")
     smallest = 2 ** count_downsamples(pipe.unet)
@@ -368,13 +368,18 @@ def _scaling_table(
     )
 
 
+def _timing_device_label(device: torch.device) -> str:
+    """Where the scaling and breakdown tables time: one CPU thread (they pin it), or the GPU's name."""
+    return "1 CPU thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
+
+
 def _breakdown_tables(
     model: str, label: str, side: int, devices: list[int], *, repeats: int, device: torch.device
 ) -> None:
     """Print :func:`~workbench.distrifusion.breakdown.rank_breakdown` at one canvas for every N."""
     pipe, _ = load_generation_pipeline(model)
     pipe.to(device)
-    where = "1 CPU thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    where = _timing_device_label(device)
     for n in devices:
         print(f"\n== where one rank's time goes, {label}, {side}x{side}, N = {n}, {where}, ms per UNet call ==")
         try:
