@@ -1,14 +1,16 @@
 # Two commands on a fresh machine:
-#   make lab    set up .venv (if missing) and open JupyterLab on the notebooks (localhost, with a token)
+#   make lab    set up .venv (if missing), start JupyterLab on the notebooks and print its URL (localhost, token)
 #   make test   set up .venv (if missing) and run the whole test suite (unit tests + notebooks in quick mode)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8888
-TOKEN ?= $(shell $(PYTHON) -c "import secrets; print(secrets.token_hex(16))")
+# Empty: each `make lab` draws one fresh token, in the recipe's shell, so the URL it prints and the
+# server agree. `make lab LAB_TOKEN=...` fixes it (a name no unrelated environment variable is likely to have).
+LAB_TOKEN ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab test lint reproduce clean-venv
+.PHONY: setup lab test lint reproduce results clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +22,15 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The token reaches the server through JUPYTER_TOKEN (not its command line, where `ps` shows it). Jupyter
+# masks it in its own log, so the first line printed is the URL to open. A busy port is an error
+# (port_retries=0), never a silent move to a port other than the one printed.
 lab: setup
-	@echo "JupyterLab: http://127.0.0.1:$(PORT)/lab/tree/00_toy_world.ipynb?token=$(TOKEN)"
-	$(BIN)/jupyter lab --no-browser $(ROOT_FLAG) --port $(PORT) --ServerApp.ip=127.0.0.1 \
-		--IdentityProvider.token=$(TOKEN) --ServerApp.root_dir=notebooks \
+	@token="$(LAB_TOKEN)"; \
+	if [ -z "$$token" ]; then token=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); fi; \
+	echo "JupyterLab: http://127.0.0.1:$(PORT)/lab/tree/00_toy_world.ipynb?token=$$token"; \
+	JUPYTER_TOKEN="$$token" exec $(BIN)/jupyter lab --no-browser $(ROOT_FLAG) --ServerApp.ip=127.0.0.1 \
+		--ServerApp.port=$(PORT) --ServerApp.port_retries=0 --ServerApp.root_dir=notebooks \
 		--LabApp.default_url=/lab/tree/00_toy_world.ipynb
 
 lint: setup
@@ -36,6 +43,10 @@ test: setup lint
 
 reproduce: setup
 	$(BIN)/python -m workbench reproduce
+
+# The committed report the README points to: docs/results/reproduce.md and its figures, full mode.
+results: setup
+	$(BIN)/python -m workbench reproduce --out docs/results
 
 clean-venv:
 	rm -rf $(VENV)

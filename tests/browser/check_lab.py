@@ -1,16 +1,20 @@
 """End-to-end check of ``make lab`` in a real browser (not part of ``make test``: it needs chromium).
 
-Starts ``make lab`` exactly as a user would (quick mode, fixed port and token), opens the URL it prints
-in headless chromium, and checks that JupyterLab lands on notebook 00, that Run All finishes without a
-traceback and renders figures, and that the bias sliders and the prompt panel redraw their images.
-Writes a screenshot to ``reports/lab.png``.
+Starts ``make lab`` exactly as a user does (no token given: the Makefile draws one), reads the URL it
+prints, checks that the server accepts that URL's token (and refuses another), opens the URL in headless
+chromium, and checks that JupyterLab lands on notebook 00, that Run All finishes without a traceback and
+renders figures, and that the bias sliders and the prompt panel redraw their images. Writes a screenshot to
+``reports/lab.png``. The only settings it adds are in the environment: quick mode, and a fresh Jupyter
+configuration folder (no saved workspace, no news pop-up).
 
     apt-get install -y chromium && .venv/bin/pip install playwright
-    .venv/bin/python tests/browser/check_lab.py
+    .venv/bin/python tests/browser/check_lab.py            # make lab, on its default port
+    .venv/bin/python tests/browser/check_lab.py --port 8899  # PORT=8899 make lab
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -18,58 +22,98 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[2]
-PORT, TOKEN = 8899, "workbench-browser-check"
-BASE = f"http://127.0.0.1:{PORT}"
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the visible notebook only
 IDLE = f'{PANEL} .jp-Notebook-ExecutionIndicator[data-status="idle"]'
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+URL_LINE = re.compile(r"^JupyterLab: (http://\S+)$")
 
 
-def _start_lab() -> subprocess.Popen:
-    config_dir = Path(tempfile.mkdtemp()) / "jupyter"
-    (config_dir / "labconfig").mkdir(parents=True)
-    (config_dir / "labconfig" / "page_config.json").write_text(
-        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
-    )
-    env = os.environ | {
-        "WORKBENCH_QUICK": "1",
-        "JUPYTER_CONFIG_DIR": str(config_dir),
-        "JUPYTERLAB_WORKSPACES_DIR": str(config_dir / "workspaces"),
-    }
-    lab = subprocess.Popen(
-        ["make", "lab", f"PORT={PORT}", f"TOKEN={TOKEN}"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 600  # a fresh machine installs first
+class Lab:
+    """``make lab`` running in its own process group, its output collected line by line."""
+
+    def __init__(self, port: int | None) -> None:
+        config_dir = Path(tempfile.mkdtemp()) / "jupyter"
+        (config_dir / "labconfig").mkdir(parents=True)
+        (config_dir / "labconfig" / "page_config.json").write_text(
+            json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
+        )
+        env = os.environ | {
+            "WORKBENCH_QUICK": "1",
+            "JUPYTER_CONFIG_DIR": str(config_dir),
+            "JUPYTERLAB_WORKSPACES_DIR": str(config_dir / "workspaces"),
+        }
+        env.pop("LAB_TOKEN", None)  # make reads the environment too: the token must be the Makefile's own
+        command = ["make", "lab"] + ([f"PORT={port}"] if port is not None else [])
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would stall the server
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def printed_url(self, timeout: float = 600) -> str:
+        """The URL ``make lab`` prints (a fresh machine installs first, hence the long wait)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if match := URL_LINE.match(line):
+                    return match.group(1)
+            if self.process.poll() is not None:
+                raise SystemExit(f"make lab exited with {self.process.returncode}:\n" + "\n".join(self.lines))
+            time.sleep(0.2)
+        raise SystemExit("make lab printed no URL within 10 minutes:\n" + "\n".join(self.lines))
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+def _status(base: str, token: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _wait_until_served(lab: Lab, base: str, token: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{BASE}/api/status?token={TOKEN}", timeout=2) as response:
-                if response.status == 200:
-                    return lab
+            if _status(base, token) == 200:
+                return
         except OSError:
-            time.sleep(1)
-        if lab.poll() is not None:
-            raise SystemExit(f"make lab exited with {lab.returncode}:\n{lab.stdout.read()}")
-    raise SystemExit("make lab did not answer within 10 minutes")
+            pass
+        if lab.process.poll() is not None:
+            raise SystemExit(f"make lab exited with {lab.process.returncode}:\n" + "\n".join(lab.lines))
+        time.sleep(0.5)
+    raise SystemExit(f"the server never accepted the printed token within {timeout:.0f} s:\n" + "\n".join(lab.lines))
 
 
-def _check(page) -> list[str]:
+def _check(page, url: str) -> list[str]:
     results = []
-    # The server's root, as in the URL Jupyter prints: make lab's default URL must lead to notebook 00.
+    # The URL exactly as make lab printed it. A wrong token would land on the login page, with no notebook.
     # (A fresh JUPYTER_CONFIG_DIR has no saved workspace to restore other tabs from.)
-    page.goto(f"{BASE}/?token={TOKEN}")
+    page.goto(url)
     page.wait_for_selector(f"{PANEL} .jp-CodeCell", timeout=120_000)
     title = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel").first.inner_text()
     assert title == "00_toy_world.ipynb", f"JupyterLab opened {title!r}, not notebook 00"
@@ -127,22 +171,39 @@ def _wait_for_new_image(page, widget, before: str | None) -> None:
     raise AssertionError("the widget's image did not change within 2 minutes")
 
 
-def main() -> int:
-    lab = _start_lab()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=None, help="passed as PORT=... (default: the Makefile's)")
+    args = parser.parse_args(argv)
+    # JupyterLab autosaves what it runs: keep the committed notebook (outputs stripped) as it was.
+    notebook = ROOT / "notebooks" / "00_toy_world.ipynb"
+    committed = notebook.read_bytes()
+    lab = Lab(args.port)
     try:
+        url = lab.printed_url()
+        parts = urlsplit(url)
+        base, token = f"{parts.scheme}://{parts.netloc}", parse_qs(parts.query)["token"][0]
+        print("make lab printed:", url)
+        _wait_until_served(lab, base, token)
+        print("ok: the server accepts the printed token (HTTP 200 on /api/status)")
+        refused = _status(base, token + "x")
+        assert refused == 403, f"the server answered {refused} to a wrong token, not 403"
+        print("ok: the server refuses another token (HTTP 403)")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             try:
-                for line in _check(page):
+                for line in _check(page, url):
                     print("ok:", line)
             finally:
                 (ROOT / "reports").mkdir(exist_ok=True)
                 page.screenshot(path=str(ROOT / "reports" / "lab.png"))
                 browser.close()
     finally:
-        os.killpg(lab.pid, signal.SIGTERM)
-        lab.wait(timeout=30)
+        lab.stop()
+        if notebook.read_bytes() != committed:
+            notebook.write_bytes(committed)
+            print("restored notebooks/00_toy_world.ipynb, which JupyterLab had autosaved with outputs")
     print("screenshot: reports/lab.png")
     return 0
 
