@@ -4,6 +4,7 @@ the notebook's functions and figures. (Real gloo ranks: ``test_distrifusion_dist
 from __future__ import annotations
 
 import math
+import os
 
 import ipywidgets
 import matplotlib
@@ -28,7 +29,7 @@ from workbench.distrifusion import (
 from workbench.distrifusion.comm import CommStats, SimulatedComm
 from workbench.distrifusion.config import check_patch_geometry
 from workbench.metrics import psnr
-from workbench.sampling import StepInfo, denoise
+from workbench.sampling import denoise
 from workbench.testing import tiny_unet2d_condition
 
 matplotlib.use("Agg")
@@ -95,11 +96,6 @@ def test_comm_stats_summary_separates_the_warm_up():
     assert summary["blocked_ms_per_steady_step"] == pytest.approx(3.0)
     assert summary["output_blocked_ms_per_steady_step"] == pytest.approx(1.0)
     assert stats.summary(steady_from=9)["blocked_ms_per_steady_step"] == pytest.approx(3.75)  # no steady calls
-
-
-def test_config_digest_tells_configs_apart():
-    assert PatchParallelConfig().digest() == PatchParallelConfig().digest()
-    assert PatchParallelConfig().digest() != PatchParallelConfig(warmup_steps=3).digest()
 
 
 @pytest.mark.parametrize(
@@ -315,7 +311,8 @@ def test_measure_staleness(uncond):
 
 
 def test_compare_modes_and_figures(uncond_pipe):
-    from workbench.distrifusion.experiment import compare_modes, mode_table, staleness
+    from workbench.distrifusion.compare import compare_modes, mode_table
+    from workbench.distrifusion.experiment import staleness
     from workbench.plots.distrifusion import comparison_figure, patch_diagram, psnr_figure, staleness_figure
 
     comparison = compare_modes(
@@ -338,8 +335,11 @@ def test_compare_modes_and_figures(uncond_pipe):
         num_inference_steps=3,
         seeds=(0, 1),
     )
-    assert [row["mode"] for row in rows] == ["full_sync", "naive_patch"] and set(comparisons) == {2}
-    assert not math.isnan(rows[1]["psnr_db"])
+    assert [(row.devices, row.mode) for row in rows] == [(2, "full_sync"), (2, "naive_patch")]
+    assert set(comparisons) == {2}
+    assert math.isinf(rows[0].psnr_db) or rows[0].psnr_db > 60
+    assert rows[1].psnr_db < 60 and rows[1].psnr_min_db <= rows[1].psnr_db  # the mean over the two seeds
+    assert rows[0].mb_per_step > 10 * rows[1].mb_per_step
     for figure in (
         comparison_figure(comparison),
         patch_diagram(2),
@@ -352,10 +352,11 @@ def test_compare_modes_and_figures(uncond_pipe):
 
 
 def test_widget_panel_runs(uncond_pipe, monkeypatch):
+    import workbench.widgets
     from workbench.widgets import distrifusion as panel_module
 
     shown = []
-    monkeypatch.setattr(panel_module, "display", shown.append)
+    monkeypatch.setattr(workbench.widgets, "display", shown.append)
     panel = panel_module.patch_parallel_panel(uncond_pipe, height=32, width=32, num_inference_steps=3, run_now=False)
     assert isinstance(panel, ipywidgets.VBox) and not shown
     buttons = [child for box in panel.children if hasattr(box, "children") for child in box.children]
@@ -386,8 +387,7 @@ def test_command_line_simulated(capsys):
 
 
 def test_reproduce_section(tmp_path):
-    if not (zoo.DATA_DIR / "toy-uncond").is_dir():
-        pytest.skip("data/toy-uncond is not trained yet; the section refuses random weights")
+    """On the shipped toy-uncond (a missing model fails here: the section never falls back to random weights)."""
     from workbench.distrifusion.experiment import reproduce
 
     section = reproduce(quick=True, out_dir=tmp_path)
@@ -396,12 +396,26 @@ def test_reproduce_section(tmp_path):
     assert "async" in section.verdict
 
 
+def test_untrained_pipelines_come_from_the_zoo_seeded_without_the_global_generator():
+    from workbench.distrifusion.runner import load_generation_pipeline
+
+    state = torch.random.get_rng_state()
+    first, label = load_generation_pipeline("random:toy-t2i")
+    second, _ = load_generation_pipeline("random:toy-t2i")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    assert "random-init" in label
+    for a, b in zip(first.components.values(), second.components.values(), strict=True):
+        if isinstance(a, nn.Module):
+            assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ValueError, match="random:toy-uncond and random:toy-t2i"):
+        load_generation_pipeline("random:toyclip")
+
+
 def test_generate_on_one_device_has_no_communication(uncond_pipe):
     result = generate(uncond_pipe, None, height=32, width=32, num_inference_steps=2, progress=False)
     assert result.layout is None and result.stats == {} and result.images.shape == (1, 3, 32, 32)
     assert float(result.images.min()) >= 0 and float(result.images.max()) <= 1
-    assert len(result.step_seconds) == 2 and isinstance(result.step_seconds[0], float)
-    assert isinstance(StepInfo, type)
+    assert len(result.step_seconds) == 2 and all(seconds > 0 for seconds in result.step_seconds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,20 +482,6 @@ def test_stable_diffusion_pipeline_runs_unchanged_inside_the_block(tiny_sd_pipel
     assert _close(output, reference)
 
 
-def test_bench_scaling_table_prints_speedup_against_ideal(capsys):
-    from workbench.benchmarks.distrifusion import _scaling_table
-
-    _scaling_table("random:toy-uncond", "random-init", [64], [2, 64], repeats=1)
-    out = capsys.readouterr().out
-    row = next(line.split() for line in out.splitlines() if line.split()[:2] == ["64", "2"])
-    speedup, of_ideal, bound = float(row[4]), float(row[5].rstrip("%")) / 100, float(row[6].rstrip("%")) / 100
-    # Timings are the benchmark's business; here only the table's arithmetic and its refusals.
-    assert speedup > 0 and of_ideal == pytest.approx(speedup / 2, abs=0.01)
-    fixed_ms, full_ms = float(out.split("F = ")[1].split()[0]), float(row[2])
-    assert bound == pytest.approx(full_ms / (fixed_ms + (full_ms - fixed_ms) / 2) / 2, abs=0.01)
-    assert "64 64 refused" in " ".join(out.split())  # 64 patches of one row: too thin for the UNet
-
-
 @pytest.mark.parametrize(("device", "message"), [("tpu", "--device must be cpu or cuda"), ("cuda", "sees no GPU")])
 def test_bench_refuses_a_device_it_cannot_use(device, message, capsys):
     from workbench.benchmarks.distrifusion import main
@@ -502,7 +502,7 @@ def test_bench_refuses_an_empty_scaling_batch(capsys):
 
 
 def test_scaling_rows_model_the_speedup_and_its_bound():
-    from workbench.distrifusion.scaling import ScalingRow
+    from workbench.benchmarks.distrifusion_compute import ScalingRow
 
     row = ScalingRow(size=64, num_devices=4, one_device_ms=100.0, rank_ms=30.0, fixed_ms=4.0)
     assert row.speedup == pytest.approx(100 / 30) and row.of_ideal == pytest.approx(100 / 120)
@@ -512,13 +512,14 @@ def test_scaling_rows_model_the_speedup_and_its_bound():
 
 
 def test_compute_scaling_times_every_setting_and_refuses_thin_patches(uncond):
-    from workbench.distrifusion.scaling import compute_scaling
+    from workbench.benchmarks.distrifusion_compute import compute_scaling
     from workbench.plots.distrifusion import scaling_figure
 
     unet, _ = uncond
-    threads = torch.get_num_threads()
+    threads, environment = torch.get_num_threads(), dict(os.environ)
     rows = compute_scaling(unet, [32], [2, 32], repeats=1, progress=False)
-    assert torch.get_num_threads() == threads
+    # library code leaves the process as it was: threads restored, no allocator switch through the environment
+    assert torch.get_num_threads() == threads and dict(os.environ) == environment
     assert [(row.size, row.num_devices) for row in rows] == [(32, 2), (32, 32)]
     timed, refused = rows
     assert timed.refused is None and min(timed.one_device_ms, timed.rank_ms, timed.fixed_ms) > 0
@@ -533,7 +534,7 @@ def test_compute_scaling_times_every_setting_and_refuses_thin_patches(uncond):
 
 
 def test_compute_scaling_with_a_guidance_batch_splits_it_over_the_ranks(uncond):
-    from workbench.distrifusion.scaling import compute_scaling
+    from workbench.benchmarks.distrifusion_compute import compute_scaling
 
     unet, _ = uncond
     rows = compute_scaling(unet, [32], [2, 16], repeats=1, batch_size=2, progress=False)
@@ -544,25 +545,8 @@ def test_compute_scaling_with_a_guidance_batch_splits_it_over_the_ranks(uncond):
     assert single.batch_size == 1 and single.refused
 
 
-def test_kind_timer_counts_nested_layers_exclusively():
-    from workbench.distrifusion.breakdown import KindTimer
-
-    ticks = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0, 16.0])
-    timer = KindTimer(clock=lambda: next(ticks))
-    timer.enter("attention")  # 0
-    timer.enter("norm")  # 1: attention ran 1
-    timer.exit()  # 3: norm ran 2
-    timer.enter("norm")  # 6: attention ran 3 more
-    timer.exit()  # 10: norm ran 4 more
-    timer.exit()  # 15: attention ran 5 more
-    assert dict(timer.seconds) == {"attention": 9.0, "norm": 6.0}
-    timer.enter("norm")
-    with pytest.raises(RuntimeError, match="inside a timed layer"):
-        timer.clear()
-
-
 def test_rank_breakdown_times_each_patch_layer_once(uncond):
-    from workbench.distrifusion.breakdown import KINDS, layer_kind, rank_breakdown
+    from workbench.benchmarks.distrifusion_compute import KINDS, layer_kind, rank_breakdown
     from workbench.plots.distrifusion import breakdown_figure
 
     unet, _ = uncond
@@ -575,29 +559,13 @@ def test_rank_breakdown_times_each_patch_layer_once(uncond):
     # every stock layer of a kind is timed once on the rank, as its patch layer (not also as the wrapped one)
     assert {row.kind: row.layers for row in rows[:-1]} == stock
     assert all(row.ideal_ms > 0 and row.rank_ms > 0 for row in rows)
-    assert "forward" not in vars(unet) and all(
-        not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules()
-    )
+    assert all("forward" not in vars(module) for module in unet.modules())  # every layer's label removed
+    assert "HaloConv2d" not in {type(module).__name__ for module in unet.modules()}
     assert isinstance(breakdown_figure(rows), matplotlib.figure.Figure)
     with pytest.raises(ValueError, match="num_devices must be >= 2"):
         rank_breakdown(unet, height=32, width=32, num_devices=1)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         rank_breakdown(unet, height=32, width=32, num_devices=2, repeats=0)
-
-
-def test_bench_breakdown_table_adds_up(capsys):
-    from workbench.benchmarks.distrifusion import _breakdown_tables
-
-    _breakdown_tables("random:toy-uncond", "random-init", 64, [2, 64], repeats=1, device=torch.device("cpu"))
-    out = capsys.readouterr().out
-    table = out.split("N = 2,")[1].split("== where")[0]
-    kinds = [line.split() for line in table.splitlines() if line.split()[-1:] and line.split()[-1][0] in "+-"]
-    ideal, rank = (sum(float(row[-3 + i]) for row in kinds) for i in range(2))
-    total = next(line.split() for line in table.splitlines() if line.split()[:1] == ["total"])
-    assert len(kinds) == 4 and float(total[1]) == pytest.approx(ideal, abs=0.02)
-    assert float(total[2]) == pytest.approx(rank, abs=0.02)
-    assert float(total[-1].rstrip("%")) == pytest.approx(100 * ideal / rank, abs=1)
-    assert "refused" in out.split("N = 64,")[1]  # 64 patches of one row: too thin for the UNet
 
 
 def test_corrected_group_norm_statistics_are_the_papers_estimate():
@@ -683,8 +651,8 @@ def test_halo_convolution_equals_the_whole_image_convolution(kernel, stride, pad
 
 def test_compute_only_rank_has_neighbours_on_both_sides():
     """The timed rank does the most work any rank does: with four patches, halo rows above and below."""
+    from workbench.benchmarks.distrifusion_compute import ComputeOnlyComm
     from workbench.distrifusion.layers import HaloConv2d, LayerContext
-    from workbench.distrifusion.scaling import ComputeOnlyComm
 
     conv = nn.Conv2d(3, 4, 3, padding=1)
     x = torch.randn(1, 3, 4, 5, generator=torch.Generator().manual_seed(0))

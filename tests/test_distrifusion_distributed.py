@@ -218,26 +218,84 @@ def _distributed_checks() -> dict[str, object]:
             out[f"cond_split_{split}_layout"] = [run.layout.num_batch_groups, run.layout.num_patches]
     out["cond_scale"] = float(cond_reference.abs().max())
 
-    errors = {}
-    try:  # each rank brings a different config: refused on every rank, the group stays usable
-        with patch_parallel(unet, PatchParallelConfig(warmup_steps=rank), timeout_s=30):
-            sample()
-    except ValueError as error:
-        errors["config_mismatch"] = str(error)
-    try:
-        with patch_parallel(unet, PatchParallelConfig(), timeout_s=30):
-            sample(torch.randn(1, 3, 36, 36))
-    except ValueError as error:
-        errors["bad_height"] = str(error)
-    try:
-        with patch_parallel(unet, PatchParallelConfig(), timeout_s=30):
-            sample(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(rank)))
-    except ValueError as error:
-        errors["latents_mismatch"] = str(error)
-    out["errors"] = errors
+    out["errors"] = _mismatch_errors(rank, unet, scheduler, cond)
     if rank == 0:
         out |= {f"images/{mode}": image for mode, image in images.items()}
     return out
+
+
+def _mismatch_errors(rank: int, unet: nn.Module, scheduler, cond: nn.Module) -> dict[str, object]:
+    """Each rank brings something different; every refusal is caught and returned with what this rank sent.
+
+    Every case ends in the same ``ValueError`` on every rank, after the same collectives, so the group
+    stays usable for the next one.
+    """
+    from workbench.distrifusion import PatchParallelConfig, patch_parallel
+    from workbench.sampling import denoise
+
+    errors: dict[str, object] = {}
+
+    def refusal(name: str, config: PatchParallelConfig, work) -> None:
+        try:
+            with patch_parallel(unet if name != "prompt" else cond, config, timeout_s=30):
+                work()
+        except ValueError as error:
+            errors[name] = str(error)
+
+    def sample(latents: torch.Tensor, steps: int = 3) -> None:
+        denoise(unet, scheduler, latents, num_inference_steps=steps, progress=False)
+
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    refusal("config", PatchParallelConfig(warmup_steps=rank), lambda: sample(noise))
+    refusal(
+        "bad_height",
+        PatchParallelConfig(),
+        lambda: sample(torch.randn(1, 3, 36, 36, generator=torch.Generator().manual_seed(0))),
+    )
+
+    own_noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+    errors["latents_sent"] = _summary(own_noise)
+    refusal("latents", PatchParallelConfig(), lambda: sample(own_noise))
+
+    # A different prompt per rank: the guidance batch's embeddings (negative, then the rank's prompt) differ.
+    generator = torch.Generator().manual_seed(1)
+    latents, negative = torch.randn(2, 4, 32, 32, generator=generator)[:1], torch.randn(1, 7, 32, generator=generator)
+    prompt = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(10 + rank))
+    errors["prompt_sent"] = _summary(torch.cat([negative, prompt]))
+    refusal(
+        "prompt",
+        PatchParallelConfig(),
+        lambda: denoise(
+            cond,
+            scheduler,
+            latents,
+            num_inference_steps=2,
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            guidance_scale=5.0,
+            progress=False,
+        ),
+    )
+
+    # 3 steps on rank 0, 4 on rank 1: the second UNet call's timesteps differ.
+    scheduler.set_timesteps(3 + rank)
+    errors["second_timestep"] = int(scheduler.timesteps[1])
+    refusal("steps", PatchParallelConfig(), lambda: sample(noise, steps=3 + rank))
+
+    # The same timesteps, but rank 1 makes one call more: rank 0 leaves the block while rank 1 calls the UNet.
+    def calls() -> None:
+        with torch.no_grad():
+            for t in (900, 800, 700)[: 2 + rank]:
+                unet(noise, t)
+
+    refusal("calls", PatchParallelConfig(), calls)
+    return errors
+
+
+def _summary(values: torch.Tensor) -> str:
+    """How an error message shows a tensor argument."""
+    values = values.double()
+    return f"{values.numel()} values, sum {float(values.sum()):.6g}, sum of |x| {float(values.abs().sum()):.6g}"
 
 
 def _bucket_mixed_dtypes(rank: int, world: int) -> bool:
@@ -351,9 +409,37 @@ def test_simulator_equals_the_ranks(distributed_results):
 def test_distributed_bad_input_is_refused_on_every_rank(distributed_results):
     for result in distributed_results:
         errors = result["errors"]
-        assert "disagree" in errors["config_mismatch"] and "config" in errors["config_mismatch"]
+        assert "warmup_steps differs across ranks (rank 0: 0; rank 1: 1)" in errors["config"], errors["config"]
         assert "height must be a multiple of" in errors["bad_height"]
-        assert "input latents" in errors["latents_mismatch"]
+
+
+def _differs(message: str, field: str, values: list[str]) -> bool:
+    """Whether ``message`` names ``field`` as differing with each rank's value (rank r: values[r])."""
+    shown = "; ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
+    return f"{field} differs across ranks ({shown})" in message
+
+
+@pytest.mark.distributed
+def test_distributed_mismatched_inputs_name_the_field_and_each_ranks_value(distributed_results):
+    errors = [result["errors"] for result in distributed_results]
+    first = errors[0]
+    for case in ("config", "latents", "prompt", "steps"):
+        assert all(e[case] == first[case] for e in errors), case  # the same message on every rank
+    latents = [e["latents_sent"] for e in errors]
+    assert "before UNet call 1" in first["latents"]
+    assert _differs(first["latents"], "the input latents (sample)", latents), first["latents"]
+    prompts = [e["prompt_sent"] for e in errors]
+    assert _differs(first["prompt"], "the prompt embeddings (encoder_hidden_states)", prompts), first["prompt"]
+    assert "input latents" not in first["prompt"]  # the same seed: only the prompt differs
+    timesteps = [str(e["second_timestep"]) for e in errors]
+    assert timesteps[0] != timesteps[1]
+    assert "before UNet call 2" in first["steps"] and _differs(first["steps"], "the timestep", timesteps), first[
+        "steps"
+    ]
+    # each rank says where it stopped: rank 0 on leaving the block, rank 1 before its third call
+    positions = ["left the block after 2 UNet calls", "at UNet call 3"]
+    assert "on leaving the block" in first["calls"] and "before UNet call 3" in errors[1]["calls"]
+    assert all(_differs(e["calls"], "position in the block", positions) for e in errors), first["calls"]
 
 
 @pytest.mark.distributed
@@ -397,3 +483,51 @@ def test_torchrun_command_line(tmp_path):
     assert "ranks: 2 = 1 batch group(s) x 2 row patch(es)" in completed.stdout
     assert "PSNR of the patch-parallel image" in completed.stdout
     assert output.is_file()
+
+
+def _stalls_in_step_two(**kwargs) -> dict[str, object]:
+    """A :func:`workbench.launch.run` target: :func:`generation_worker`, whose rank 1 hangs in its 2nd UNet call."""
+    import time
+
+    import torch.distributed as dist
+    from diffusers import UNet2DModel
+
+    from workbench.distrifusion.runner import generation_worker
+
+    calls = [0]
+
+    def hang_on_second_call(module, args):
+        calls[0] += 1
+        if dist.get_rank() == 1 and calls[0] == 2:
+            time.sleep(600)
+
+    hook = UNet2DModel.register_forward_pre_hook  # every UNet2DModel built in this process
+    original_init = UNet2DModel.__init__
+
+    def init_with_hook(self, *args, **kw):
+        original_init(self, *args, **kw)
+        hook(self, hang_on_second_call)
+
+    UNet2DModel.__init__ = init_with_hook
+    return generation_worker(**kwargs)
+
+
+@pytest.mark.distributed
+def test_launch_names_the_rank_that_stalls_mid_generation_and_its_step():
+    from workbench.distrifusion import PatchParallelConfig
+    from workbench.launch import LaunchError, run
+
+    kwargs = dict(
+        model="random:toy-uncond",
+        config={"mode": "corrected_async_gn", "warmup_steps": 1},
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        timeout_s=5.0,
+    )
+    assert PatchParallelConfig(**kwargs["config"])  # a valid config: the failure is the stall
+    with pytest.raises(LaunchError) as caught:
+        run(f"{__file__}:_stalls_in_step_two", nproc=2, kwargs=kwargs, timeout_s=120, init_timeout_s=5)
+    assert caught.value.rank == 1, str(caught.value)
+    assert caught.value.faulty[0].state == "stalled"
+    assert caught.value.faulty[0].phase == "denoising: 1/3 steps done", str(caught.value)

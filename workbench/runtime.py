@@ -1,5 +1,5 @@
-"""Run-time switches and facts: quick mode, the CPU allocator for timing, and a one-line description of the
-machine for benchmarks."""
+"""Run-time switches and facts: quick mode, the CPU allocator a benchmark may opt into, and a one-line
+description of the machine for benchmarks."""
 
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ def quick_mode() -> bool:
 def steady_cpu_allocator() -> bool:
     """Make glibc's malloc keep freed memory for reuse, for the rest of this process; False where it is not glibc.
 
-    By default glibc gives a large block (above a threshold that adapts up to 32 MiB) fresh pages from the
-    OS on every allocation, each page faulting on first touch, and hands freed memory at the top of the
-    heap back. PyTorch on a CPU allocates every activation afresh, so a one-device UNet call on a large
-    canvas pays those faults and a rank's smaller patches pay fewer: the toy model's call at 512x512 is
-    ~17 % slower, and a modelled speed-up against it reads 112-116 % of the ideal instead of 96-99 %.
-    Raising both thresholds to 1 GiB takes the effect out of timings (the memory stays with the process).
+    A process-wide change: call it only from a benchmark's entry point (``python -m workbench bench``
+    does, and its first output line says so through :func:`describe_machine`), never from library code or a
+    notebook. By default glibc gives a large block (above a threshold that adapts up to 32 MiB) fresh pages
+    from the OS on every allocation, each page faulting on first touch, and hands freed memory at the top
+    of the heap back. PyTorch on a CPU allocates every activation afresh, so a call on a large canvas pays
+    more of those faults than the same work cut into small patches, which skews timings that compare the
+    two. Raising both thresholds to 1 GiB takes the effect out (the memory stays with the process).
     Processes started from here afterwards (the ranks of a launch) get the same through the environment.
     """
     global _allocator_is_steady
@@ -59,7 +60,11 @@ def describe_machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    allocator = "glibc malloc keeps freed memory" if _allocator_is_steady else "default allocator"
+    allocator = (
+        "glibc malloc keeps freed memory (steady_cpu_allocator, set for this benchmark process)"
+        if _allocator_is_steady
+        else "default allocator"
+    )
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, {gpu}, "
         f"{allocator}"

@@ -12,13 +12,18 @@ module                     what it holds
 ``config``                 :class:`PatchParallelConfig` (mode, warm-up, batch split), the rank layout
 ``layers``                 halo convolution, whole-image GroupNorm, K/V-gathering self-attention processor
 ``comm``                   all-gather backends: torch.distributed (gloo/NCCL) and the one-process simulator
-``runner``                 :func:`patch_parallel` (real ranks) and the sampler behind the command line
+``parallel``               the context managers: :func:`parallelize` (any backend), :func:`patch_parallel`
+``agreement``              what the ranks compare (config, weights, every UNet argument, the number of calls)
 ``simulate``               :func:`simulate_patch_parallel` (N ranks in one process), :func:`measure_staleness`
-``experiment``             the notebook's and the reproduction report's experiments
-``scaling``                what one rank computes; the modelled speed-up against canvas size
-``breakdown``              where one rank's time goes, by kind of layer, against the ideal share
+``runner``                 whole generations: :func:`generate`, :func:`sample_images`, :func:`launch_generation`
+``compare``                patch-parallel images against the single-device one (PSNR, bytes per step)
+``experiment``             the notebook's staleness experiment and the reproduction report's section
 ``cli``                    ``torchrun --nproc_per_node=N -m workbench distrifusion ...``
 =========================  ==================================================================================
+
+The method is ``config``, ``comm``, ``layers``, ``parallel`` (with ``agreement``) and ``simulate``; the rest
+runs it. What one rank computes, its modelled speed-up and where its time goes are measured by
+:mod:`workbench.benchmarks.distrifusion` (``python -m workbench bench distrifusion``).
 
 Symbols: N devices (``world_size``), patch i (``patch_index``), step t (``step``), layer l's activation of
 patch i at step t A_t^(l,i), the warm-up (``warmup_steps``) of synchronous steps after step 0.
@@ -26,7 +31,8 @@ patch i at step t A_t^(l,i), the warm-up (``warmup_steps``) of synchronous steps
 
 from workbench.distrifusion.config import MODES, Mode, PatchLayout, PatchParallelConfig, resolve_layout
 from workbench.distrifusion.layers import check_supported
-from workbench.distrifusion.runner import GenerationResult, PatchParallelRun, generate, patch_parallel, sample_images
+from workbench.distrifusion.parallel import PatchParallelRun, parallelize, patch_parallel
+from workbench.distrifusion.runner import GenerationResult, generate, launch_generation, sample_images
 from workbench.distrifusion.simulate import StalenessRecord, measure_staleness, simulate_patch_parallel
 
 __all__ = [
@@ -39,7 +45,9 @@ __all__ = [
     "StalenessRecord",
     "check_supported",
     "generate",
+    "launch_generation",
     "measure_staleness",
+    "parallelize",
     "patch_parallel",
     "resolve_layout",
     "sample_images",

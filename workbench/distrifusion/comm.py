@@ -25,7 +25,15 @@ import torch.distributed as dist
 
 from workbench.distrifusion.config import PatchLayout
 
-__all__ = ["CommStats", "DistributedComm", "PatchComm", "PendingGather", "SimulatedComm", "assemble_output"]
+__all__ = [
+    "CommStats",
+    "DistributedComm",
+    "PatchComm",
+    "PendingGather",
+    "SimulatedComm",
+    "assemble_output",
+    "collective_device",
+]
 
 
 @dataclass
@@ -325,3 +333,10 @@ def assemble_output(stacked: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
         raise ValueError(f"expected {layout.world_size} rank outputs, got {world}")
     grid = stacked.reshape(layout.num_batch_groups, layout.num_patches, b, channels, h, width)
     return grid.permute(0, 2, 3, 1, 4, 5).reshape(layout.num_batch_groups * b, channels, layout.num_patches * h, width)
+
+
+def collective_device() -> torch.device:
+    """Where the default group's collectives take their tensors: this rank's GPU on NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

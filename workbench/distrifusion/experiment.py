@@ -1,4 +1,4 @@
-"""Experiments on the toy world: patch-parallel images against the single-device one, and the report section.
+"""Experiments on the toy world: the demo model, activation staleness, and the reproduction report's section.
 
 Every function here is what a notebook cell or the reproduction report calls; the simulator
 (:func:`~workbench.distrifusion.simulate.simulate_patch_parallel`) computes what N ranks would, so the
@@ -12,28 +12,23 @@ synchronous patch parallelism but hidden behind computation.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline, DiffusionPipeline
 
+from workbench import zoo
+from workbench.distrifusion.compare import mode_table
 from workbench.distrifusion.config import Mode, PatchParallelConfig
-from workbench.distrifusion.runner import generate, launch_generation
+from workbench.distrifusion.runner import launch_generation
 from workbench.distrifusion.simulate import StalenessRecord, measure_staleness
 from workbench.metrics import psnr
+from workbench.plots.distrifusion import comparison_figure, psnr_figure
+from workbench.reproduce import ReproSection
 from workbench.sampling import initial_noise
 
-__all__ = [
-    "ModeComparison",
-    "compare_modes",
-    "load_demo_pipeline",
-    "mode_table",
-    "reproduce",
-    "staleness",
-]
+__all__ = ["PAPER_PSNR", "load_demo_pipeline", "reproduce", "staleness"]
 
 
 # The paper's Table 1 (SDXL, 1024^2, PSNR against the single-device image, dB), for the report.
@@ -53,135 +48,10 @@ def load_demo_pipeline() -> tuple[DiffusionPipeline, str, str]:
 
     Raises:
         FileNotFoundError: the trained model is missing (the message gives the training command). For
-            the mechanics alone, ``load_generation_pipeline("random:toy-uncond")`` is the same
-            architecture with random weights, labelled as such.
+            the mechanics alone, :func:`workbench.zoo.build_untrained_pipeline` builds the same architecture
+            with random weights.
     """
-    from workbench import zoo
-
     return zoo.load("toy-uncond"), "toy-uncond", "toy-uncond (trained)"
-
-
-@dataclass
-class ModeComparison:
-    """Patch-parallel images beside the single-device one.
-
-    Attributes:
-        reference: the single-device images (B, 3, H, W) in [0, 1].
-        images: label -> patch-parallel images, same shape.
-        psnr: label -> PSNR against the reference (dB; inf when identical).
-        bytes_per_step: label -> bytes received per rank per UNet call.
-        num_devices: simulated ranks.
-        warmup_steps: synchronous steps after step 0.
-    """
-
-    reference: torch.Tensor
-    images: dict[str, torch.Tensor] = field(default_factory=dict)
-    psnr: dict[str, float] = field(default_factory=dict)
-    bytes_per_step: dict[str, float] = field(default_factory=dict)
-    num_devices: int = 1
-    warmup_steps: int = 0
-
-
-def compare_modes(
-    pipe: DiffusionPipeline,
-    *,
-    num_devices: int,
-    modes: Sequence[Mode],
-    warmup_steps: int = 4,
-    height: int = 64,
-    width: int = 64,
-    num_inference_steps: int = 20,
-    seed: int = 0,
-    batch_size: int = 1,
-    prompt: str | None = None,
-    guidance_scale: float = 1.0,
-    reference: torch.Tensor | None = None,
-) -> ModeComparison:
-    """Sample once on one device and once per mode on ``num_devices`` simulated ranks (same seed).
-
-    Args:
-        pipe: an unconditional ``DDPMPipeline`` or a text-to-image pipeline (then pass ``prompt``).
-        num_devices: N, the simulated world size.
-        modes: the modes to run (see :data:`~workbench.distrifusion.config.MODES`).
-        warmup_steps: synchronous steps after step 0 (paper: 4).
-        reference: the single-device images, when already computed for these settings.
-    """
-    common = dict(
-        height=height,
-        width=width,
-        num_inference_steps=num_inference_steps,
-        seed=seed,
-        batch_size=batch_size,
-        prompt=prompt,
-        guidance_scale=guidance_scale,
-        progress=False,
-    )
-    if reference is None:
-        reference = generate(pipe, None, **common).images
-    result = ModeComparison(reference=reference, num_devices=num_devices, warmup_steps=warmup_steps)
-    for mode in modes:
-        config = PatchParallelConfig(mode=mode, warmup_steps=warmup_steps)
-        run = generate(pipe, config, simulate_devices=num_devices, **common)
-        result.images[mode] = run.images
-        result.psnr[mode] = psnr(run.images, reference)
-        result.bytes_per_step[mode] = run.stats.get("bytes_per_step", 0.0)
-    return result
-
-
-def mode_table(
-    pipe: DiffusionPipeline,
-    *,
-    devices: Sequence[int],
-    modes: Sequence[Mode],
-    warmup_steps: int = 4,
-    height: int,
-    width: int,
-    num_inference_steps: int,
-    seeds: Sequence[int] = (0,),
-    prompt: str | None = None,
-    guidance_scale: float = 1.0,
-) -> tuple[list[dict[str, object]], dict[int, ModeComparison]]:
-    """PSNR against the single-device image and bytes per step, for each N and mode (mean over seeds).
-
-    Returns:
-        ``(rows, comparisons)``: one row per (N, mode) with keys devices, mode, psnr_db, psnr_min_db,
-        mb_per_step; and the first seed's :class:`ModeComparison` per N (for figures).
-    """
-    rows: list[dict[str, object]] = []
-    comparisons: dict[int, ModeComparison] = {}
-    references = {}
-    for n in devices:
-        per_seed = []
-        for seed in seeds:
-            comparison = compare_modes(
-                pipe,
-                num_devices=n,
-                modes=modes,
-                warmup_steps=warmup_steps,
-                height=height,
-                width=width,
-                num_inference_steps=num_inference_steps,
-                seed=seed,
-                prompt=prompt,
-                guidance_scale=guidance_scale,
-                reference=references.get(seed),
-            )
-            references[seed] = comparison.reference
-            per_seed.append(comparison)
-        comparisons[n] = per_seed[0]
-        for mode in modes:
-            values = [c.psnr[mode] for c in per_seed]
-            finite = [v for v in values if math.isfinite(v)]
-            rows.append(
-                {
-                    "devices": n,
-                    "mode": mode,
-                    "psnr_db": sum(finite) / len(finite) if len(finite) == len(values) else math.inf,
-                    "psnr_min_db": min(values),
-                    "mb_per_step": per_seed[0].bytes_per_step[mode] / 1e6,
-                }
-            )
-    return rows, comparisons
 
 
 def staleness(
@@ -194,15 +64,12 @@ def staleness(
     return measure_staleness(pipe.unet, pipe.scheduler, noise, num_inference_steps=num_inference_steps)
 
 
-def reproduce(*, quick: bool, out_dir: Path):
+def reproduce(*, quick: bool, out_dir: Path) -> ReproSection:
     """The report section: PSNR of sync / async / naive patches against one device, and bytes per step.
 
     Uses the trained ``toy-uncond`` (a ``FileNotFoundError`` when it is missing: never a random model) on
     a canvas larger than its 32x32 training size, which its convolutional design allows.
     """
-    from workbench.plots.distrifusion import comparison_figure, psnr_figure
-    from workbench.reproduce import ReproSection
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe, model, label = load_demo_pipeline()
@@ -212,8 +79,7 @@ def reproduce(*, quick: bool, out_dir: Path):
     rows, comparisons = mode_table(
         pipe, devices=devices, modes=modes, height=size, width=size, num_inference_steps=steps, seeds=seeds
     )
-    for row in rows:
-        row["paper_psnr_db"] = PAPER_PSNR.get((row["mode"], row["devices"]), "")
+    table = [asdict(row) | {"paper_psnr_db": PAPER_PSNR.get((row.mode, row.devices), "")} for row in rows]
     figures = []
     for n, comparison in comparisons.items():
         path = out_dir / f"images_{n}_devices.png"
@@ -240,7 +106,7 @@ def reproduce(*, quick: bool, out_dir: Path):
         )
 
     def psnr_of(mode: str, n: int) -> float:
-        return next(float(r["psnr_db"]) for r in rows if r["mode"] == mode and r["devices"] == n)
+        return next(row.psnr_db for row in rows if row.mode == mode and row.devices == n)
 
     gaps = {n: psnr_of("corrected_async_gn", n) - psnr_of("naive_patch", n) for n in devices}
     exact = all(psnr_of("full_sync", n) > 60 for n in devices)
@@ -261,7 +127,7 @@ def reproduce(*, quick: bool, out_dir: Path):
         claim="Reusing the previous step's activations of other patches (asynchronous exchange) keeps the image "
         "close to the single-device one, unlike independent patches (Table 1: 24.6 vs 14.0 dB PSNR on 2 "
         "devices, 23.0 vs 10.7 on 4).",
-        rows=rows,
+        rows=table,
         verdict=verdict,
         figures=figures,
         notes=" ".join(notes),

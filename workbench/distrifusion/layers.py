@@ -51,6 +51,7 @@ __all__ = [
     "check_supported",
     "count_downsamples",
     "install",
+    "is_self_attention",
 ]
 
 Phase = Literal["sync", "async", "frozen", "local"]
@@ -408,8 +409,10 @@ class PatchSelfAttnProcessor:
         self.exchanger.reset()
 
 
-def _is_self_attention(module: Attention) -> bool:
-    return not module.is_cross_attention
+def is_self_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is a diffusers ``Attention`` over the image's own tokens (``attn1``), the kind that
+    needs the keys and values of every patch; cross-attention (``attn2``) reads the prompt and stays local."""
+    return isinstance(module, Attention) and not module.is_cross_attention
 
 
 def check_supported(unet: nn.Module) -> list[str]:
@@ -444,7 +447,7 @@ def check_supported(unet: nn.Module) -> list[str]:
         elif isinstance(module, Attention):
             if module.spatial_norm is not None or module.added_kv_proj_dim is not None:
                 problems.append(f"{label}: attention with spatial norm or added K/V is not supported")
-            elif _is_self_attention(module) and type(module.processor) not in (AttnProcessor2_0, AttnProcessor):
+            elif is_self_attention(module) and type(module.processor) not in (AttnProcessor2_0, AttnProcessor):
                 problems.append(
                     f"{label}: self-attention processor {type(module.processor).__name__} is not supported "
                     "(use the default AttnProcessor2_0)"
@@ -488,7 +491,7 @@ def install(unet: nn.Module, context: LayerContext) -> tuple[list, Callable[[], 
             swaps.append((parent, child_name, child))
             setattr(parent, child_name, replacement)
     for module in unet.modules():
-        if isinstance(module, Attention) and _is_self_attention(module):
+        if isinstance(module, Attention) and is_self_attention(module):
             processor = PatchSelfAttnProcessor(context)
             processors.append((module, module.processor))
             module.set_processor(processor)

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import SchedulerMixin
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from workbench.distrifusion.comm import CommStats, SimulatedComm
-from workbench.distrifusion.config import PatchLayout, PatchParallelConfig
-from workbench.distrifusion.runner import PatchParallelRun, _parallelized
+from workbench.distrifusion.comm import SimulatedComm
+from workbench.distrifusion.config import PatchParallelConfig
+from workbench.distrifusion.layers import is_self_attention
+from workbench.distrifusion.parallel import PatchParallelRun, parallelize
 from workbench.sampling import denoise
 
 __all__ = ["StalenessRecord", "measure_staleness", "simulate_patch_parallel"]
@@ -42,15 +42,12 @@ def simulate_patch_parallel(
         num_devices: the simulated world size N.
 
     Yields:
-        The :class:`~workbench.distrifusion.runner.PatchParallelRun` (bytes are per simulated rank).
+        The :class:`~workbench.distrifusion.parallel.PatchParallelRun` (bytes are per simulated rank).
     """
     if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
         raise ValueError(f"num_devices must be an int >= 1, got {num_devices!r}")
 
-    def make_comm(layout: PatchLayout, stats: CommStats) -> SimulatedComm:
-        return SimulatedComm(layout, stats)
-
-    with _parallelized(unet, config, num_devices, make_comm) as run:
+    with parallelize(unet, config, num_devices, SimulatedComm) as run:
         yield run
 
 
@@ -91,8 +88,7 @@ def measure_staleness(
     modules = [
         (name, module, "conv" if isinstance(module, nn.Conv2d) else "attention")
         for name, module in unet.named_modules()
-        if (isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1)
-        or (isinstance(module, Attention) and not module.is_cross_attention)
+        if (isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1) or is_self_attention(module)
     ]
     previous: dict[str, torch.Tensor] = {}
     changes: dict[str, list[float]] = {name: [] for name, _, _ in modules}

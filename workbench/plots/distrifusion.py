@@ -1,5 +1,5 @@
-"""Figures for DistriFusion (notebook 02, the reproduction report): the idea, images, staleness, PSNR, scaling,
-and where a rank's time goes.
+"""Figures for DistriFusion (Li et al., CVPR 2024, arXiv 2402.19481): the idea, images against one
+device and their PSNR (Table 1), staleness (Fig. 2), and the benchmark's scaling and per-layer breakdown.
 
 Every function takes data (and, where it draws one panel, an optional ``ax``) and returns the ``Figure``.
 """
@@ -7,7 +7,7 @@ Every function takes data (and, where it draws one panel, an optional ``ax``) an
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
@@ -17,9 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
 if TYPE_CHECKING:
-    from workbench.distrifusion.breakdown import LayerKindTime
-    from workbench.distrifusion.experiment import ModeComparison
-    from workbench.distrifusion.scaling import ScalingRow
+    from workbench.benchmarks.distrifusion_compute import LayerKindRow, ScalingRow
+    from workbench.distrifusion.compare import ModeComparison, ModeRow
     from workbench.distrifusion.simulate import StalenessRecord
 
 __all__ = [
@@ -168,7 +167,7 @@ def staleness_figure(record: StalenessRecord, *, ax: plt.Axes | None = None) -> 
     return fig
 
 
-def psnr_figure(rows: Sequence[Mapping[str, object]], *, ax: plt.Axes | None = None, cap_db: float = 80.0) -> Figure:
+def psnr_figure(rows: Sequence[ModeRow], *, ax: plt.Axes | None = None, cap_db: float = 80.0) -> Figure:
     """Grouped bars: PSNR against the single-device image per mode, one group per device count.
 
     Exact results (infinite or above ``cap_db``) are drawn at ``cap_db`` and labelled.
@@ -176,13 +175,11 @@ def psnr_figure(rows: Sequence[Mapping[str, object]], *, ax: plt.Axes | None = N
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 3.8))
     fig = ax.figure
-    modes = list(dict.fromkeys(str(r["mode"]) for r in rows))
-    devices = list(dict.fromkeys(int(r["devices"]) for r in rows))
+    modes = list(dict.fromkeys(row.mode for row in rows))
+    devices = list(dict.fromkeys(row.devices for row in rows))
     width = 0.8 / max(len(devices), 1)
     for k, n in enumerate(devices):
-        values = [
-            next((float(r["psnr_db"]) for r in rows if r["mode"] == m and r["devices"] == n), math.nan) for m in modes
-        ]
+        values = [next((row.psnr_db for row in rows if row.mode == m and row.devices == n), math.nan) for m in modes]
         shown = [min(v, cap_db) for v in values]
         x = np.arange(len(modes)) + (k - (len(devices) - 1) / 2) * width
         ax.bar(x, shown, width, label=f"{n} devices", color=_COLOURS[k % 10])
@@ -229,8 +226,8 @@ def scaling_figure(rows: Sequence[ScalingRow], *, ax: plt.Axes | None = None, ta
     return fig
 
 
-def breakdown_figure(rows: Sequence[LayerKindTime], *, ax: plt.Axes | None = None) -> Figure:
-    """One rank's time per kind of layer (:func:`~workbench.distrifusion.breakdown.rank_breakdown`) next to
+def breakdown_figure(rows: Sequence[LayerKindRow], *, ax: plt.Axes | None = None) -> Figure:
+    """One rank's time per kind of layer (:func:`~workbench.benchmarks.distrifusion_compute.rank_breakdown`) next to
     the ideal share, the one-device call's time in those layers / N."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 2.8))

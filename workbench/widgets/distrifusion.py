@@ -1,18 +1,15 @@
-"""The DistriFusion panel: choose N, the warm-up and the mode; Run shows the images against one device."""
+"""The DistriFusion panel (arXiv 2402.19481): choose N, the warm-up and the mode; Run shows the images
+against one device."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import ipywidgets as w
-import matplotlib.pyplot as plt
 from diffusers import DiffusionPipeline
-from IPython.display import display
-from matplotlib.figure import Figure
 
+from workbench.distrifusion.compare import compare_modes
 from workbench.distrifusion.config import MODES
-from workbench.distrifusion.experiment import compare_modes
 from workbench.plots.distrifusion import comparison_figure
+from workbench.widgets import show_figure
 
 __all__ = ["patch_parallel_panel"]
 
@@ -30,7 +27,7 @@ def patch_parallel_panel(
 ) -> w.VBox:
     """N devices, warm-up steps and mode; Run samples with the simulator (the mode and naive patches).
 
-    The callback calls :func:`workbench.distrifusion.experiment.compare_modes` and draws
+    The callback calls :func:`workbench.distrifusion.compare.compare_modes` and draws
     :func:`workbench.plots.distrifusion.comparison_figure` into the panel's ``Output``.
     """
     devices = w.Dropdown(options=[1, 2, 4], value=2, description="devices N")
@@ -44,7 +41,7 @@ def patch_parallel_panel(
     def on_run(_=None) -> None:
         run.disabled = True
         try:
-            _show(
+            show_figure(
                 output,
                 lambda: comparison_figure(
                     compare_modes(
@@ -71,16 +68,3 @@ def patch_parallel_panel(
         f"<b>Patch parallelism</b> (simulated ranks) on a {height}x{width} canvas, {num_inference_steps} steps"
     )
     return w.VBox([header, w.HBox([devices, warmup]), w.HBox([mode, run]), output])
-
-
-def _show(output: w.Output, make_figure: Callable[[], Figure]) -> None:
-    """Replace ``output``'s content by the figure (a ValueError, e.g. a canvas too small for N, is printed)."""
-    with output:
-        output.clear_output(wait=True)
-        try:
-            figure = make_figure()
-        except ValueError as error:
-            print(f"error: {error}")
-            return
-        display(figure)
-        plt.close(figure)
