@@ -16,3 +16,11 @@ def tiny_sd_pipeline(tmp_path_factory):
     from workbench.testing import tiny_stable_diffusion_pipeline
 
     return tiny_stable_diffusion_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tmp_path_factory):
+    """A tiny random StableDiffusionXLPipeline (two text encoders, text/time conditioning), round-tripped."""
+    from workbench.testing import tiny_stable_diffusion_xl_pipeline
+
+    return tiny_stable_diffusion_xl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))

@@ -1,23 +1,27 @@
-"""The shared sampling loop: any diffusers UNet, any diffusers scheduler, any schedule.
+"""The shared raw sampling loop: any diffusers UNet, any diffusers scheduler, any schedule.
 
-:func:`denoise` is the loop every paper module and pipeline uses (k-diffusion style: the schedule is an
-argument, the step hooks a ``callback``, the noise comes from a passed ``generator``). It works on pixels
-(the toy models) and on latents (Stable Diffusion) alike; decoding is the caller's job.
+Methods ride the stock diffusers pipelines (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, the
+toy :class:`~workbench.pipelines.ToyTextToImagePipeline`) through their own extension points (``timesteps=``,
+``latents=``, ``callback_on_step_end``, hooks, attention processors), so every paper works on SD and SDXL
+without a second loop. :func:`denoise` remains for pixel-space pipelines without a ``timesteps``/canvas
+argument (``DDPMPipeline``) and for experiments that need the raw loop (reference ODE solves); it is
+k-diffusion style (the schedule is an argument, each step calls ``callback``, noise comes from a passed
+``generator``) and takes SDXL's added conditioning as ``added_cond_kwargs``. Decoding is the caller's job.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import SchedulerMixin, UniPCMultistepScheduler
+from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-__all__ = ["StepInfo", "denoise", "initial_noise", "set_timesteps"]
+__all__ = ["StepInfo", "check_timesteps", "denoise", "initial_noise", "set_timesteps"]
 
 
 @dataclass
@@ -30,6 +34,26 @@ class StepInfo:
     noise_pred: torch.Tensor  # guided eps_theta(x_t, t)
 
 
+def check_timesteps(timesteps: Sequence[int] | torch.Tensor, num_train_timesteps: int) -> list[int]:
+    """Custom ``timesteps`` as a list of ints, checked: strictly decreasing integers in [0, num_train_timesteps).
+
+    diffusers itself truncates floats and accepts repeated or ascending lists silently, which break the
+    multistep solvers' step index; this refuses them.
+
+    Raises:
+        ValueError: empty, not integers, not strictly decreasing, or out of range.
+    """
+    requested = torch.as_tensor(timesteps).flatten()
+    if requested.is_floating_point() and not torch.equal(requested, requested.round()):
+        raise ValueError(f"timesteps must be integers (round them yourself), got {requested.tolist()}")
+    values = requested.long().tolist()
+    if not values:
+        raise ValueError("timesteps must not be empty")
+    if any(b >= a for a, b in itertools.pairwise(values)) or values[0] >= num_train_timesteps or values[-1] < 0:
+        raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train_timesteps}), got {values}")
+    return values
+
+
 def set_timesteps(
     scheduler: SchedulerMixin,
     *,
@@ -39,15 +63,17 @@ def set_timesteps(
 ) -> torch.Tensor:
     """Reset ``scheduler`` for a new run with ``num_inference_steps`` or an explicit descending ``timesteps``.
 
-    Custom timesteps must be strictly decreasing integers in [0, num_train_timesteps). They go through
-    ``set_timesteps(timesteps=...)`` where the scheduler accepts it (DPMSolverMultistep, Euler, DDPM, ...).
-    ``UniPCMultistepScheduler`` takes custom sigmas only for flow models, so for it the run is reset with
-    ``set_timesteps(len(timesteps))`` and then its ``timesteps`` and ``sigmas`` are overwritten with the
-    requested points (sigma from ``alphas_cumprod`` at each timestep, then the final sigma of
-    ``final_sigmas_type``), the same arrays its own ``set_timesteps`` builds.
+    Custom timesteps (checked by :func:`check_timesteps`) go through ``set_timesteps(timesteps=...)``,
+    exactly as the stock pipelines pass them (their ``retrieve_timesteps``), so a scheduler that works
+    here works there. Stock ``UniPCMultistepScheduler`` has no such argument for VP models; use
+    :class:`workbench.timesteps.UniPCCustomTimestepsScheduler`, which :func:`workbench.timesteps.solver_scheduler`
+    returns.
 
     Returns:
         ``scheduler.timesteps``.
+
+    Raises:
+        TypeError: the scheduler's ``set_timesteps`` takes no ``timesteps``.
     """
     if (num_inference_steps is None) == (timesteps is None):
         raise ValueError("pass exactly one of num_inference_steps and timesteps")
@@ -56,48 +82,15 @@ def set_timesteps(
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         scheduler.set_timesteps(num_inference_steps, device=device)
         return scheduler.timesteps
-    requested = torch.as_tensor(timesteps).flatten()
-    if requested.is_floating_point() and not torch.equal(requested, requested.round()):
-        raise ValueError(f"timesteps must be integers (round them yourself), got {requested.tolist()}")
-    values = requested.long().tolist()
-    if not values:
-        raise ValueError("timesteps must not be empty")
-    num_train = scheduler.config.num_train_timesteps
-    if any(b >= a for a, b in itertools.pairwise(values)) or values[0] >= num_train or values[-1] < 0:
-        raise ValueError(f"timesteps must be strictly decreasing integers in [0, {num_train}), got {values}")
-    if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
-        scheduler.set_timesteps(timesteps=values, device=device)
-    elif isinstance(scheduler, UniPCMultistepScheduler):
-        _unipc_set_custom_timesteps(scheduler, values, device)
-    else:
-        raise TypeError(f"{type(scheduler).__name__}.set_timesteps takes no custom timesteps")
+    values = check_timesteps(timesteps, scheduler.config.num_train_timesteps)
+    if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise TypeError(
+            f"scheduler: {type(scheduler).__name__}.set_timesteps takes no custom timesteps (nor does the stock "
+            "pipelines' timesteps= argument with it); use DPMSolverMultistepScheduler, EulerDiscreteScheduler, or "
+            "for UniPC workbench.timesteps.UniPCCustomTimestepsScheduler.from_config(scheduler.config)"
+        )
+    scheduler.set_timesteps(timesteps=values, device=device)
     return scheduler.timesteps
-
-
-def _unipc_set_custom_timesteps(
-    scheduler: UniPCMultistepScheduler, values: list[int], device: torch.device | str | None
-) -> None:
-    config = scheduler.config
-    for flag in (
-        "use_flow_sigmas",
-        "use_karras_sigmas",
-        "use_exponential_sigmas",
-        "use_beta_sigmas",
-        "use_dynamic_shifting",
-    ):
-        if config.get(flag, False):
-            raise ValueError(f"timesteps: cannot set custom timesteps on a UniPC scheduler with {flag}=True")
-    if scheduler.solver_p is not None:
-        raise ValueError("timesteps: cannot set custom timesteps on a UniPC scheduler with a solver_p")
-    if config.final_sigmas_type not in ("sigma_min", "zero"):
-        raise ValueError(f"final_sigmas_type must be 'sigma_min' or 'zero', got {config.final_sigmas_type!r}")
-    scheduler.set_timesteps(len(values), device=device)  # resets model_outputs, lower_order_nums, step_index
-    alphas_cumprod = scheduler.alphas_cumprod.double()
-    train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-    final = train_sigmas[:1] if config.final_sigmas_type == "sigma_min" else torch.zeros(1, dtype=torch.float64)
-    scheduler.sigmas = torch.cat([train_sigmas[values], final]).float()  # on CPU, as diffusers keeps them
-    scheduler.timesteps = torch.tensor(values, dtype=torch.int64, device=device)
-    scheduler.num_inference_steps = len(values)
 
 
 def initial_noise(
@@ -122,6 +115,8 @@ def denoise(
     prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+    negative_added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     configure_scheduler: bool = True,
@@ -138,15 +133,24 @@ def denoise(
         prompt_embeds, negative_prompt_embeds: (B, L, D) text states; both for classifier-free guidance.
         guidance_scale: w in ``eps_u + w (eps_c - eps_u)``; guidance runs when > 1 and
             ``negative_prompt_embeds`` is given.
+        added_cond_kwargs, negative_added_cond_kwargs: the extra conditioning of a UNet with an
+            ``addition_embed_type`` (SDXL's "text_time": ``text_embeds`` (B, D_pooled) and ``time_ids``
+            (B, 6)), for the prompts and, with guidance, for the negative prompts; refused for a UNet
+            without one.
         generator: passed to ``scheduler.step`` (stochastic samplers draw from it).
         callback: called with a :class:`StepInfo` after every step.
         progress: show a tqdm bar.
+
+    Raises:
+        ValueError: the UNet needs added conditioning that is missing (or gets some it has no use for).
     """
+    guided = negative_prompt_embeds is not None and guidance_scale > 1.0
+    added = _added_conditioning(unet, added_cond_kwargs, negative_added_cond_kwargs if guided else None, guided)
     if configure_scheduler:
         set_timesteps(scheduler, num_inference_steps=num_inference_steps, timesteps=timesteps, device=latents.device)
-    guided = negative_prompt_embeds is not None and guidance_scale > 1.0
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     conditioning = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+    unet_kwargs = {} if added is None else {"added_cond_kwargs": added}
     latents = latents * scheduler.init_noise_sigma
     for index, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
         model_input = torch.cat([latents, latents]) if guided else latents
@@ -154,7 +158,7 @@ def denoise(
         if conditioning is None:
             noise_pred = unet(model_input, t).sample
         else:
-            noise_pred = unet(model_input, t, encoder_hidden_states=conditioning).sample
+            noise_pred = unet(model_input, t, encoder_hidden_states=conditioning, **unet_kwargs).sample
         if guided:
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
@@ -162,3 +166,33 @@ def denoise(
         if callback is not None:
             callback(StepInfo(index, t, latents, noise_pred))
     return latents
+
+
+def _added_conditioning(
+    unet: torch.nn.Module,
+    positive: Mapping[str, torch.Tensor] | None,
+    negative: Mapping[str, torch.Tensor] | None,
+    guided: bool,
+) -> dict[str, torch.Tensor] | None:
+    """The UNet's ``added_cond_kwargs`` for the (guidance-doubled) batch, checked against its config."""
+    kind = getattr(getattr(unet, "config", None), "addition_embed_type", None)
+    if kind is None:
+        if positive is not None or negative is not None:
+            raise ValueError(
+                "added_cond_kwargs: this UNet has no addition_embed_type, so it takes no added conditioning"
+            )
+        return None
+    if positive is None:
+        raise ValueError(
+            f"added_cond_kwargs: the UNet has addition_embed_type={kind!r} (SDXL's is 'text_time': text_embeds and "
+            "time_ids) and needs them; pass added_cond_kwargs, or sample with the stock pipeline "
+            "(StableDiffusionXLPipeline), whose timesteps=, latents= and callback_on_step_end carry the methods"
+        )
+    if not guided:
+        return dict(positive)
+    if negative is None or set(negative) != set(positive):
+        raise ValueError(
+            f"negative_added_cond_kwargs: guidance needs the same keys as added_cond_kwargs ({sorted(positive)}), "
+            f"got {None if negative is None else sorted(negative)}"
+        )
+    return {key: torch.cat([negative[key], value]) for key, value in positive.items()}

@@ -17,8 +17,16 @@ import numpy as np
 from scipy.optimize import LinearConstraint, minimize
 
 from workbench.runtime import describe_machine
-from workbench.timesteps import SOLVERS, NoiseSchedule, StepSchedule, baseline_schedule, optimize_timesteps
-from workbench.timesteps.optimize import schedule_bound
+from workbench.timesteps import (
+    SOLVERS,
+    NoiseSchedule,
+    StepOptimConfig,
+    StepSchedule,
+    baseline_schedule,
+    bound,
+    optimize_timesteps,
+    order_template,
+)
 
 
 def _official_procedure(steps: StepSchedule, schedule: NoiseSchedule, solver: str, order: int) -> tuple[float, float]:
@@ -31,8 +39,15 @@ def _official_procedure(steps: StepSchedule, schedule: NoiseSchedule, solver: st
     lower = np.zeros(n)
     lower[0], lower[-1] = start[0], -start[-1]
 
+    # The raw bound, evaluated wherever trust-constr probes as in step_optim.py (schedule_bound refuses
+    # grids that are not increasing); step orders as optimize_timesteps models the diffusers solvers.
+    config = StepOptimConfig()
+    orders = order_template(n, order, lower_order_final=solver == "unipc" or n < 15)
+    truncation = config.truncation_for(n)
+
     def objective(x: np.ndarray) -> float:
-        return schedule_bound(np.concatenate([start[:1], x, start[-1:]]), solver=solver, order=order)
+        grid = np.concatenate([start[:1], x, start[-1:]])
+        return float(bound(grid, orders, power=config.power, truncation=truncation))
 
     began = time.perf_counter()
     with warnings.catch_warnings(), np.errstate(all="ignore"):

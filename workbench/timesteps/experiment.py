@@ -41,6 +41,7 @@ __all__ = [
     "ExperimentResult",
     "compare_samples",
     "compare_schedules",
+    "pipeline_samples",
     "reference_timesteps",
     "reproduce",
     "run_experiment",
@@ -276,6 +277,46 @@ def compare_samples(
     scheduler = solver_scheduler(solver, order, pipe.scheduler)
     samples = sample_schedules(unet, scheduler, latents, schedules, **conditioning)
     return {name: ((x.float() + 1) / 2).clamp(0, 1).cpu() for name, x in samples.items()}
+
+
+@torch.no_grad()
+def pipeline_samples(
+    pipe: object,
+    schedules: Mapping[str, StepSchedule] | Mapping[str, Sequence[int]],
+    *,
+    solver: str = "unipc",
+    order: int = 3,
+    prompt: str | list[str] = "a red circle",
+    seed: int = 0,
+    **call_kwargs: object,
+) -> dict[str, torch.Tensor]:
+    """Images in [0, 1] (B, 3, H, W) of a stock pipeline for each schedule, through its own ``timesteps=``.
+
+    Works alike on the toy text-to-image pipeline, ``StableDiffusionPipeline`` and
+    ``StableDiffusionXLPipeline``: for the call, the pipeline's scheduler is replaced by
+    :func:`~workbench.timesteps.solver_scheduler` ``(solver, order, pipe.scheduler)`` (put back afterwards),
+    and every schedule starts from the same seed.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline whose ``__call__`` takes ``timesteps``.
+        schedules: names to :class:`StepSchedule` values or to descending integer timesteps.
+        solver, order: the solver the schedules were made for.
+        prompt: the prompt(s).
+        seed: seeds a CPU ``torch.Generator`` for the initial noise of every run.
+        call_kwargs: more arguments of the pipeline call (``height``, ``width``, ``guidance_scale``, ...).
+    """
+    original = pipe.scheduler
+    pipe.scheduler = solver_scheduler(solver, order, original)
+    try:
+        out = {}
+        for name, steps in schedules.items():
+            timesteps = steps.timesteps() if isinstance(steps, StepSchedule) else list(steps)
+            generator = torch.Generator().manual_seed(seed)
+            images = pipe(prompt, timesteps=timesteps, generator=generator, output_type="pt", **call_kwargs).images
+            out[name] = images.float().cpu()
+    finally:
+        pipe.scheduler = original
+    return out
 
 
 def run_experiment(

@@ -3,8 +3,8 @@
 Everything here is pure math on a grid of half log-SNR values ``lambdas`` (lambda_0 < ... < lambda_N,
 noise end first). A grid may carry leading batch dimensions (..., N + 1): the objective is evaluated for
 all of them in one call, which is how :func:`bound_gradient` gets the whole gradient from one call
-(complex-step differentiation). Symbols follow the method note (``papers/optimized_timesteps.md``,
-section 2):
+(complex-step differentiation). The bound is the objective of the official code of arXiv 2402.17376
+(scxue/DM-NonUniform ``step_optim.py``, ``sel_lambdas_lof_obj``), written from its definition. Symbols:
 
 =========================  ===================================================================
 symbol                     code
@@ -34,7 +34,7 @@ def order_template(num_steps: int, order: int, *, lower_order_final: bool = True
     """Order k_s of each step s = 0..N-1 of a multistep solver with warm-up (and lower-order final steps).
 
     k_s = min(order, s + 1, N - s) with ``lower_order_final``, else min(order, s + 1). The official code
-    hard-codes order 3 with lower-order final steps (note, section 2).
+    hard-codes order 3 with lower-order final steps (``step_optim.py``).
     """
     steps = np.arange(num_steps)
     orders = np.minimum(order, steps + 1)
@@ -69,7 +69,10 @@ def step_weights(lambdas: np.ndarray, orders: np.ndarray) -> np.ndarray:
     """Lagrange weights J_{s,j} = integral_{lambda_s}^{lambda_{s+1}} e^lambda l_{s,j}(lambda) d lambda.
 
     Step s of order k_s integrates the polynomial through nodes s-k_s+1..s; ``weights[..., s, m]`` is
-    the weight of node j = s - m (zero for m >= k_s). Closed forms from the note, section 1.
+    the weight of node j = s - m (zero for m >= k_s). Closed forms, with E_s = e^{lambda_s}, h = h_s,
+    b = h_{s-1}, a = h_{s-2} and H_m of :func:`phi`: k = 1: J_s = E_s H_0; k = 2: J_{s-1} = -E_s H_1 / b,
+    J_s = E_s (H_1 + b H_0) / b; k = 3: J_{s-2} = E_s (H_2 + b H_1) / (a (a + b)),
+    J_{s-1} = -E_s (H_2 + (a + b) H_1) / (a b), J_s = E_s (H_2 + (a + 2b) H_1 + b (a + b) H_0) / (b (a + b)).
 
     Args:
         lambdas: (..., N + 1) increasing half log-SNR grid.
@@ -114,7 +117,7 @@ def _node_error(lambdas: np.ndarray, power: float) -> np.ndarray:
 
 
 def bound(lambdas: np.ndarray, orders: np.ndarray, *, power: float = 2.0, truncation: int = 3) -> np.ndarray:
-    """The paper's error bound F(lambda) (note, section 2).
+    """The paper's error bound F(lambda), as the official ``step_optim.py`` computes it.
 
     F = sum_{s: k_s = 1} w_s |J_{s,s}|
         + sum_{s < tau, k_s >= 2} ||(w_j J_{s,j})_j||_2

@@ -20,18 +20,12 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
+from diffusers import DPMSolverMultistepScheduler, SchedulerMixin
 from scipy.optimize import LinearConstraint, minimize
 
 from workbench.timesteps.objective import bound, bound_gradient, order_template
-from workbench.timesteps.schedule import (
-    BASELINES,
-    NoiseSchedule,
-    StepSchedule,
-    _check_eps,
-    _check_num_steps,
-    _step_schedule,
-    baseline_schedule,
-)
+from workbench.timesteps.schedule import BASELINES, NoiseSchedule, StepSchedule, baseline_schedule
+from workbench.timesteps.scheduler import UniPCCustomTimestepsScheduler
 
 __all__ = [
     "SCHEDULE_NAMES",
@@ -58,15 +52,16 @@ _MIN_STEP_FRACTION = 1e-3
 
 @dataclass(frozen=True)
 class StepOptimConfig:
-    """Settings of the optimisation (defaults: the official ``step_optim.py``, see the method note).
+    """Settings of the optimisation (defaults: the official code, scxue/DM-NonUniform ``step_optim.py``).
 
     Attributes:
         power: p in the node error scale w_j = sigma_j^p / alpha_j. The code uses 2; its comment says 1
             (the eps-to-x_0 error factor sigma/alpha) is better for pixel space.
         truncation: tau, the first step whose errors are summed per node with sign; None picks the code
             comment's rule, 3 for N <= 7 and 0 beyond (also what LD3's reimplementation uses).
-        eps: t_0, where sampling ends: 1e-3 is timestep 0 of a 1000-step schedule, DPM-Solver's and
-            UniPC's default ``t_end``.
+        eps: t_0, where sampling ends. None: timestep 0 of a discrete schedule (t = 1 / num_train_timesteps,
+            1e-3 for 1000 steps: DPM-Solver's and UniPC's default ``t_end``), 1e-3 for a continuous one.
+            A discrete schedule takes no eps below timestep 0.
         init: the starting grid: "uniform_lambda" (official "unif", recommended for pixel space),
             "uniform_time" ("unif_t", latent space), "time_quadratic" ("quad") or "karras" ("edm").
         max_iter: SLSQP iterations (ours; the official trust-constr stops at 1000).
@@ -75,7 +70,7 @@ class StepOptimConfig:
 
     power: float = 2.0  # step_optim.py: data_err_vec = sigma**2 / alpha
     truncation: int | None = 3  # step_optim.py: truncNum = 3 (its comment: "0 for NFE > 7"; that is None)
-    eps: float = 1e-3  # DPM-Solver / UniPC default t_end = 1 / N_train
+    eps: float | None = None  # DPM-Solver / UniPC default t_end = 1 / N_train
     init: Init = "uniform_lambda"  # step_optim.py README: "unif" for pixel-space models
     max_iter: int = 500
     tolerance: float = 1e-12
@@ -87,8 +82,8 @@ class StepOptimConfig:
             isinstance(self.truncation, bool) or not isinstance(self.truncation, int) or self.truncation < 0
         ):
             raise ValueError(f"truncation must be None or an integer >= 0, got {self.truncation!r}")
-        if not (isinstance(self.eps, int | float) and self.eps > 0):
-            raise ValueError(f"eps must be a positive number, got {self.eps!r}")
+        if self.eps is not None and not (isinstance(self.eps, int | float) and self.eps > 0):
+            raise ValueError(f"eps must be None or a positive number, got {self.eps!r}")
         if self.init not in get_args(Init):
             raise ValueError(f"init must be one of {get_args(Init)}, got {self.init!r}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
@@ -123,10 +118,20 @@ def schedule_bound(
     order: int = 3,
     config: StepOptimConfig | None = None,
 ) -> float:
-    """The bound F of any schedule (or (N + 1,) lambda grid) for ``solver`` of ``order``: compare schedules."""
+    """The bound F of any schedule (or (N + 1,) lambda grid) for ``solver`` of ``order``: compare schedules.
+
+    Raises:
+        ValueError: the grid is not a finite, strictly increasing 1-D lambda grid of >= 2 points (noise
+            end first), where the bound is undefined.
+    """
     _check_solver(solver, order)
     config = config or StepOptimConfig()
     lambdas = np.asarray(steps.lambdas if isinstance(steps, StepSchedule) else steps, dtype=np.float64)
+    if lambdas.ndim != 1 or len(lambdas) < 2 or not np.all(np.isfinite(lambdas)) or np.any(np.diff(lambdas) <= 0):
+        raise ValueError(
+            "steps: the bound needs a finite, strictly increasing 1-D half log-SNR grid of >= 2 points "
+            f"(noise end first), got {np.array2string(lambdas, precision=4)}"
+        )
     num_steps = len(lambdas) - 1
     orders = _template(solver, order, num_steps)
     return float(bound(lambdas, orders, power=config.power, truncation=config.truncation_for(num_steps)))
@@ -140,9 +145,11 @@ def optimize_timesteps(
     order: int = 3,
     config: StepOptimConfig | None = None,
 ) -> StepSchedule:
-    """The N steps that minimise the paper's bound for a multistep ``solver`` of ``order`` (note, section 3).
+    """The N steps that minimise the paper's bound for a multistep ``solver`` of ``order``.
 
-    The bound is the note's F(lambda) with the step orders k_s of the solver as diffusers runs it
+    The paper (arXiv 2402.17376) poses the choice of steps as a constrained problem over the interior
+    nodes and solves it with a trust-region method. Here the objective is the bound F(lambda) of
+    :func:`~workbench.timesteps.objective.bound` with the step orders k_s of the solver as diffusers runs it
     (warm-up, and lower-order final steps), the node scale w_j = sigma_j^p / alpha_j and the truncation
     tau of ``config``. The endpoints lambda(T) and lambda(eps) stay fixed, the steps stay monotone.
 
@@ -157,19 +164,18 @@ def optimize_timesteps(
         A :class:`StepSchedule` named "optimized"; ``info`` holds the bound at the start and at the
         result, the iterations and the seconds taken.
 
-    Example:
+    Example (toy-t2i, ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` alike):
         >>> steps = optimize_timesteps(NoiseSchedule.from_scheduler(pipe.scheduler), 6, solver="unipc")
         >>> pipe.scheduler = solver_scheduler("unipc", 3, pipe.scheduler)
-        >>> denoise(pipe.unet, pipe.scheduler, latents, timesteps=steps.timesteps(), ...)
+        >>> images = pipe("a red circle", timesteps=steps.timesteps()).images
     """
     _check_solver(solver, order)
-    _check_num_steps(num_steps)
+    start_time = time.perf_counter()
+    config = config or StepOptimConfig()
+    eps = schedule.resolve_eps(config.eps)
+    start = baseline_schedule(config.init, schedule, num_steps, eps=eps).lambdas  # also checks num_steps
     if num_steps < order:
         raise ValueError(f"num_steps must be >= order ({order}) for a multistep solver, got {num_steps}")
-    config = config or StepOptimConfig()
-    _check_eps(config.eps, schedule.t_max)
-    start_time = time.perf_counter()
-    start = baseline_schedule(config.init, schedule, num_steps, eps=config.eps).lambdas
     orders = _template(solver, order, num_steps)
     truncation = config.truncation_for(num_steps)
 
@@ -184,7 +190,7 @@ def optimize_timesteps(
     # the evaluation points at least one timestep above the end t_0, so that none rounds onto it.
     cap = start[-1]
     if schedule.is_discrete:
-        end = np.rint(schedule.timestep_of_time(config.eps))
+        end = np.rint(schedule.timestep_of_time(eps))
         cap = min(cap, float(schedule.lambda_(schedule.time_of_timestep(end + 1))))
     first = start[1:-1]
     if num_steps >= 2 and first.max() > cap:  # many steps: squeeze the start into the allowed range
@@ -218,13 +224,14 @@ def optimize_timesteps(
         "power": config.power,
         "truncation": truncation,
         "init": config.init,
+        "eps": eps,
         "bound_start": start_value,
         "bound": value,
         "iterations": iterations,
         "seconds": time.perf_counter() - start_time,
         "message": message,
     }
-    return _step_schedule("optimized", lambdas, schedule, config.eps, info)
+    return StepSchedule.from_lambdas("optimized", lambdas, schedule, eps=eps, info=info)
 
 
 def _with_ends(interior: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -266,7 +273,7 @@ def make_schedule(
     return StepSchedule(steps.name, steps.lambdas, steps.times, steps.num_train_timesteps, {"bound": value})
 
 
-def solver_scheduler(solver: Solver, order: int, base: object):
+def solver_scheduler(solver: Solver, order: int, base: object) -> SchedulerMixin:
     """A diffusers scheduler that runs ``solver`` of ``order`` the way the bound models it.
 
     It keeps the betas, ``prediction_type`` and other settings of ``base`` (a scheduler or its config)
@@ -276,10 +283,13 @@ def solver_scheduler(solver: Solver, order: int, base: object):
     the bound's (the default "midpoint" differs); its third order uses other weights than the bound's
     Lagrange ones. UniPC keeps diffusers' default "bh2"; its third-order predictor matches the bound,
     and its corrector (not modelled by the bound) runs after every step but the last.
+
+    Both take custom ``timesteps`` in ``set_timesteps``, so the optimised steps go through a stock
+    pipeline's ``pipe(..., timesteps=steps.timesteps())``: DPM-Solver++ is diffusers'
+    ``DPMSolverMultistepScheduler``, UniPC is :class:`~workbench.timesteps.UniPCCustomTimestepsScheduler`
+    (diffusers' ``UniPCMultistepScheduler`` takes no custom timesteps for VP models).
     """
     _check_solver(solver, order)
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
     config = dict(base.config if hasattr(base, "config") else base)
     common = dict(
         solver_order=order,
@@ -301,4 +311,4 @@ def solver_scheduler(solver: Solver, order: int, base: object):
     unipc = dict(config)
     if unipc.get("solver_type") not in ("bh1", "bh2"):
         unipc.pop("solver_type", None)  # e.g. DPM's "midpoint": not a UniPC variant
-    return UniPCMultistepScheduler.from_config(unipc, **common, predict_x0=True, use_flow_sigmas=False)
+    return UniPCCustomTimestepsScheduler.from_config(unipc, **common, predict_x0=True, use_flow_sigmas=False)

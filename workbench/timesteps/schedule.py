@@ -4,8 +4,9 @@
 t in (0, T], with its inverse. It is built from any diffusers scheduler with ``alphas_cumprod`` (DDPM,
 DDIM, DPM-Solver, UniPC, Euler, ...) or from its config, or from alpha/sigma functions of a continuous
 time (for example EDM's alpha = 1, sigma = t). Discrete 1000-step schedules follow DPM-Solver's
-``NoiseScheduleVP("discrete")``: the diffusers timestep n sits at t = (n + 1) / 1000 and log alpha is
-piecewise linear in t, so t = 1e-3 is timestep 0 and t = 1 is timestep 999.
+``NoiseScheduleVP("discrete")``: the diffusers timestep n of N training timesteps sits at t = (n + 1) / N
+and log alpha is piecewise linear in t, so t = 1/N is timestep 0 and t = 1 is timestep N - 1; a discrete
+schedule is defined on [1/N, 1] (below timestep 0 log alpha would be extrapolated past 0).
 
 :class:`StepSchedule` is one choice of N sampling steps: N + 1 points from the noise end to t_0, as
 half log-SNR ``lambdas`` and times ``times``; :meth:`StepSchedule.timesteps` turns it into the integer
@@ -30,6 +31,7 @@ BASELINES: tuple[str, ...] = get_args(Baseline)
 
 _KARRAS_RHO = 7.0  # EDM (Karras et al. 2022) time discretisation; also the official code's "edm" init
 _BISECTION_ITERATIONS = 200  # halves [0, T] to below float64 resolution
+_CONTINUOUS_EPS = 1e-3  # DPM-Solver's and UniPC's default t_end for continuous VP schedules
 
 
 class NoiseSchedule:
@@ -41,6 +43,11 @@ class NoiseSchedule:
         t_max: T, where sampling starts (1 for discrete schedules).
         num_train_timesteps: for a discrete schedule, the number of training timesteps (timestep
             n <-> t = (n + 1) / num_train_timesteps); None for a continuous one.
+
+    Raises:
+        ValueError: lambda(t) is not finite, or does not decrease strictly, on the schedule's domain
+            ([1 / num_train_timesteps, T] for a discrete schedule, [T / 1000, T] checked for a
+            continuous one).
     """
 
     def __init__(
@@ -55,11 +62,20 @@ class NoiseSchedule:
         self._inverse_fn = inverse_fn
         self.t_max = float(t_max)
         self.num_train_timesteps = num_train_timesteps
-        probe = self.lambda_(np.linspace(self.t_max, self.t_max * 1e-3, 257))
-        if not np.all(np.isfinite(probe)):
+        low = self.t_min if self.is_discrete else self.t_max * 1e-3
+        times = np.linspace(self.t_max, low, 257)
+        with np.errstate(all="ignore"):
+            probe = self.lambda_(times)
+        if not np.isfinite(probe[0]):
             raise ValueError(
-                f"schedule: lambda(t) is not finite on [{self.t_max * 1e-3:g}, {self.t_max:g}] (a zero terminal "
-                "SNR gives lambda(T) = -inf, where the bound is undefined); use a schedule with alpha_T > 0"
+                f"schedule: lambda(T) = {probe[0]} at T = {self.t_max:g}: a zero terminal SNR (alpha_T = 0) leaves "
+                "the bound undefined; use a schedule with alpha_T > 0"
+            )
+        if not np.all(np.isfinite(probe)):
+            bad = times[~np.isfinite(probe)]
+            raise ValueError(
+                f"schedule: lambda(t) is not finite at t = {bad[0]:g} (of [{low:g}, {self.t_max:g}], the schedule's "
+                "domain); alpha_t and sigma_t must be positive there"
             )
         if np.any(np.diff(probe) <= 0):
             raise ValueError("schedule: lambda(t) must decrease strictly in t (the signal-to-noise ratio must fall)")
@@ -71,6 +87,32 @@ class NoiseSchedule:
     @property
     def is_discrete(self) -> bool:
         return self.num_train_timesteps is not None
+
+    @property
+    def t_min(self) -> float:
+        """The smallest t of the domain: timestep 0, 1 / num_train_timesteps, for a discrete schedule; 0
+        (excluded) for a continuous one."""
+        return 1.0 / self.num_train_timesteps if self.is_discrete else 0.0
+
+    def resolve_eps(self, eps: float | None = None) -> float:
+        """t_0, where sampling ends: ``eps`` checked against the domain, or by default timestep 0 of a
+        discrete schedule (1 / num_train_timesteps: 1e-3 for 1000 steps, DPM-Solver's and UniPC's
+        ``t_end``) and 1e-3 for a continuous one.
+
+        Raises:
+            ValueError: ``eps`` outside (0, T), or below timestep 0 of a discrete schedule (where lambda
+                would be extrapolated).
+        """
+        if eps is None:
+            eps = self.t_min if self.is_discrete else _CONTINUOUS_EPS
+        if self.is_discrete and not self.t_min <= eps < self.t_max:
+            raise ValueError(
+                f"eps must lie in [1/{self.num_train_timesteps}, T) = [{self.t_min:g}, {self.t_max:g}) for a "
+                f"discrete schedule of {self.num_train_timesteps} timesteps (t = 1/N is timestep 0), got {eps}"
+            )
+        if not 0 < eps < self.t_max:
+            raise ValueError(f"eps must lie in (0, T) = (0, {self.t_max:g}), got {eps}")
+        return float(eps)
 
     def lambda_(self, t: np.ndarray | float) -> np.ndarray:
         """lambda(t) = log(alpha_t / sigma_t), elementwise (float64)."""
@@ -97,9 +139,9 @@ class NoiseSchedule:
     def from_alphas_cumprod(cls, alphas_cumprod: np.ndarray | torch.Tensor) -> NoiseSchedule:
         """A discrete schedule from its cumulative products alpha-bar_n, n = 0..N-1 (DDPM's notation).
 
-        log alpha at t_n = (n + 1) / N is 0.5 log alpha-bar_n, linear in between and linearly extrapolated
-        outside (DPM-Solver's ``NoiseScheduleVP("discrete")``), so lambda(t) and its inverse are exact at
-        the timesteps.
+        log alpha at t_n = (n + 1) / N is 0.5 log alpha-bar_n, linear in between (DPM-Solver's
+        ``NoiseScheduleVP("discrete")``), so lambda(t) and its inverse are exact at the timesteps. The
+        domain is [1/N, 1]; any N >= 2 works (a 10-step DDPM schedule as well as SD's 1000 steps).
         """
         if isinstance(alphas_cumprod, torch.Tensor):
             alphas_cumprod = alphas_cumprod.detach().double().cpu().numpy()
@@ -220,6 +262,25 @@ class StepSchedule:
     num_train_timesteps: int | None = None
     info: Mapping[str, object] = field(default_factory=dict)
 
+    @classmethod
+    def from_lambdas(
+        cls,
+        name: str,
+        lambdas: np.ndarray,
+        schedule: NoiseSchedule,
+        *,
+        eps: float,
+        info: Mapping[str, object] | None = None,
+        times: np.ndarray | None = None,
+    ) -> StepSchedule:
+        """The schedule of the (N + 1,) increasing ``lambdas`` on ``schedule``, from T to ``eps``.
+
+        ``times`` defaults to t(lambda); either way its ends are set exactly to T and ``eps``.
+        """
+        times = schedule.time(lambdas) if times is None else np.array(times, dtype=np.float64)
+        times[0], times[-1] = schedule.t_max, eps
+        return cls(name, np.asarray(lambdas, dtype=np.float64), times, schedule.num_train_timesteps, dict(info or {}))
+
     @property
     def num_steps(self) -> int:
         """N, the number of model evaluations."""
@@ -257,7 +318,9 @@ class StepSchedule:
         return points[:-1]
 
 
-def baseline_schedule(kind: Baseline, schedule: NoiseSchedule, num_steps: int, *, eps: float = 1e-3) -> StepSchedule:
+def baseline_schedule(
+    kind: Baseline, schedule: NoiseSchedule, num_steps: int, *, eps: float | None = None
+) -> StepSchedule:
     """One of the hand-made schedules the paper compares against, from T to ``eps`` in ``num_steps`` steps.
 
     Args:
@@ -269,11 +332,12 @@ def baseline_schedule(kind: Baseline, schedule: NoiseSchedule, num_steps: int, *
             discrete schedule, and made for SD 1.5, not for the model at hand).
         schedule: the noise schedule.
         num_steps: N >= 1.
-        eps: t_0, where sampling ends (1e-3 is timestep 0 of a 1000-step schedule).
+        eps: t_0, where sampling ends; None: timestep 0 of a discrete schedule (1e-3 for 1000 steps), 1e-3
+            for a continuous one.
     """
     _check_num_steps(num_steps)
     t_max = schedule.t_max
-    _check_eps(eps, t_max)
+    eps = schedule.resolve_eps(eps)
     lambda_t, lambda_eps = float(schedule.lambda_(t_max)), float(schedule.lambda_(eps))
     times = None  # grids made in time keep their exact times
     if kind == "uniform_lambda":
@@ -293,7 +357,7 @@ def baseline_schedule(kind: Baseline, schedule: NoiseSchedule, num_steps: int, *
         lambdas = schedule.lambda_(times)
     lambdas = np.asarray(lambdas, dtype=np.float64)
     lambdas[0], lambdas[-1] = lambda_t, lambda_eps  # exact endpoints (the maps above round-trip to ~1e-15)
-    return _step_schedule(kind, lambdas, schedule, eps, times=times)
+    return StepSchedule.from_lambdas(kind, lambdas, schedule, eps=eps, times=times)
 
 
 def _ays_times(schedule: NoiseSchedule, num_steps: int, eps: float) -> np.ndarray:
@@ -307,25 +371,6 @@ def _ays_times(schedule: NoiseSchedule, num_steps: int, eps: float) -> np.ndarra
     return np.append(schedule.time_of_timestep(timesteps), eps)
 
 
-def _step_schedule(
-    name: str,
-    lambdas: np.ndarray,
-    schedule: NoiseSchedule,
-    eps: float,
-    info: Mapping[str, object] | None = None,
-    *,
-    times: np.ndarray | None = None,
-) -> StepSchedule:
-    times = schedule.time(lambdas) if times is None else np.array(times, dtype=np.float64)
-    times[0], times[-1] = schedule.t_max, eps
-    return StepSchedule(name, lambdas, times, schedule.num_train_timesteps, dict(info or {}))
-
-
 def _check_num_steps(num_steps: int) -> None:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-
-
-def _check_eps(eps: float, t_max: float) -> None:
-    if not 0 < eps < t_max:
-        raise ValueError(f"eps must lie in (0, T) = (0, {t_max:g}), got {eps}")
