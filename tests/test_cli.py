@@ -1,7 +1,9 @@
 """The command line and the reproduction report skeleton."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +62,25 @@ def test_reproduction_report_has_the_zoo_section(tmp_path):
     assert "## The toy world and the zoo" in text and "| model | figure | value |" in text
     assert (tmp_path / "zoo" / "toy_t2i_samples.png").is_file()
     assert "toy_t2i_samples.png" in text
+
+
+def _figure_section(quick: bool, out_dir: Path) -> ReproSection:
+    out_dir.mkdir(parents=True)
+    (out_dir / "curve.png").write_bytes(b"")
+    return ReproSection("A section", "a claim", [{"n": 1}], "holds", [out_dir / "curve.png"])
+
+
+def test_report_under_docs_results_names_its_command_and_links_figures_relatively(tmp_path, monkeypatch):
+    # As `reproduce --out docs/results` writes the committed copy: figures are linked relative to the report,
+    # so the folder reads the same wherever it is checked out.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(SECTIONS, "figure", f"{__name__}:_figure_section")
+    report = run_reproduction(quick=True, only=["figure"], out_dir="docs/results")
+    assert report == Path("docs/results/reproduce.md")
+    text = report.read_text()
+    assert "Written by `python -m workbench reproduce --quick --only figure --out docs/results`" in text
+    assert re.findall(r"!\[[^]]*\]\(([^)]+)\)", text) == ["figure/curve.png"]
+    assert (report.parent / "figure" / "curve.png").is_file()
 
 
 def test_section_markdown_lists_rows_and_figures(tmp_path):

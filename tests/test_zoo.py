@@ -61,6 +61,40 @@ def test_load_pipeline_by_local_path_round_trips_a_real_pipeline_layout(tiny_sd_
             torch.testing.assert_close(a, b)
 
 
+def test_real_or_tiny_pipeline_loads_local_weights_when_present(tiny_sd_pipeline, tmp_path):
+    tiny_sd_pipeline.save_pretrained(tmp_path / "sd")
+    demo = zoo.real_or_tiny_pipeline(tmp_path / "sd")
+    assert demo.is_real and str(tmp_path / "sd") in demo.label
+    unet = tiny_sd_pipeline.unet.state_dict()
+    for key, value in demo.pipeline.unet.state_dict().items():
+        torch.testing.assert_close(value, unet[key])
+
+
+@pytest.mark.parametrize(
+    ("tiny", "pipeline_class"), [("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")]
+)
+def test_real_or_tiny_pipeline_falls_back_to_a_tiny_pipeline_and_removes_its_folder(
+    tiny, pipeline_class, tmp_path, monkeypatch
+):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where TemporaryDirectory builds the stand-in
+    demo = zoo.real_or_tiny_pipeline(tmp_path / "no-weights-here", tiny=tiny)
+    assert not demo.is_real and "not on this machine" in demo.label
+    assert type(demo.pipeline).__name__ == pipeline_class
+    assert list(tmp_path.iterdir()) == [], "the stand-in's temporary folder was left behind"
+    # The pipeline still runs once its folder is gone: the weights live in memory.
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    first = demo.pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    second = demo.pipeline("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert first.shape == (1, 32, 32, 3) and np.array_equal(first, second)
+
+
+def test_real_or_tiny_pipeline_rejects_an_unknown_layout():
+    with pytest.raises(ValueError, match=r"tiny must be one of \['sd', 'sdxl'\], got 'sd3'"):
+        zoo.real_or_tiny_pipeline(tiny="sd3")
+
+
 def test_load_pipeline_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
         zoo.load_pipeline(tmp_path)
