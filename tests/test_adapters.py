@@ -56,3 +56,53 @@ def test_bad_input_is_a_clear_error(tmp_path):
         add_lora(tiny_unet2d_condition(sample_size=16), target_modules=("no_such_layer",))
     with pytest.raises(FileNotFoundError, match="path: no LoRA adapter"):
         load_lora(tiny_unet2d_condition(sample_size=16), tmp_path / "missing")
+
+
+def test_block_linears_picks_the_low_resolution_blocks():
+    from workbench.adapters import FEED_FORWARD_PROJECTIONS, block_linears
+    from workbench.testing import tiny_unet2d_condition_xl
+    from workbench.zoo import build_toy_t2i_unet
+
+    unet = build_toy_t2i_unet()  # attention at 16x16 (down 1, up 1), at 8x8 (down 2, up 0) and in the mid block
+    everything = block_linears(unet)
+    low = block_linears(unet, levels=1)
+    assert set(low) < set(everything)
+    assert all(n.startswith(("mid_block.", "down_blocks.2.", "up_blocks.0.")) for n in low)
+    assert set(block_linears(unet, levels=2)) == set(everything)
+    assert any(n.startswith("mid_block.") for n in low)
+    assert any(n.endswith(FEED_FORWARD_PROJECTIONS) for n in everything)
+    xl = tiny_unet2d_condition_xl()
+    assert block_linears(xl, levels=1) and all("down_blocks.0." not in n for n in block_linears(xl, levels=1))
+    with pytest.raises(ValueError, match="levels must be None or a positive integer"):
+        block_linears(unet, levels=0)
+
+
+def test_named_adapters_switch_without_reloading_on_sd_and_sdxl_layouts():
+    from workbench.adapters import adapter_names, block_linears, use_adapter
+    from workbench.testing import tiny_unet2d_condition_xl
+
+    unet = tiny_unet2d_condition(sample_size=16)
+    base = _call(unet)
+    generator = torch.Generator().manual_seed(0)
+    for name in ("first", "second"):
+        for p in add_lora(unet, rank=2, adapter_name=name, generator=generator, target_modules=block_linears(unet)):
+            with torch.no_grad():
+                p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    assert adapter_names(unet) == ["first", "second"]
+    use_adapter(unet, "first")
+    first = _call(unet)
+    use_adapter(unet, "second")
+    second = _call(unet)
+    use_adapter(unet, "first")
+    torch.testing.assert_close(_call(unet), first)
+    use_adapter(unet, None)
+    torch.testing.assert_close(_call(unet), base)
+    assert not torch.allclose(first, second)
+    with pytest.raises(ValueError, match="adapter_name 'third' is not attached"):
+        use_adapter(unet, "third")
+
+    xl = tiny_unet2d_condition_xl()
+    for name in ("first", "second"):
+        add_lora(xl, rank=2, adapter_name=name, target_modules=block_linears(xl, levels=1))
+    use_adapter(xl, "second")
+    assert xl.active_adapters() == ["second"]

@@ -3,10 +3,12 @@
 python -m workbench zoo list                    # the zoo, and what is shipped in data/
 python -m workbench zoo train toy-t2i           # train (or resume) one model
 python -m workbench zoo load toyclip            # load one and describe it
-python -m workbench zoo evaluate [--quick]      # the zoo's quality figures (README table)
-python -m workbench reproduce [--quick] [--only NAME ...]
+python -m workbench zoo evaluate [--quick]      # the zoo's quality figures
+python -m workbench reproduce [--quick] [--only NAME ...] [--out DIR]   # writes DIR/reproduce.md (reports/)
 python -m workbench bench NAME [ARGS]           # benchmarks: toyworld, timesteps, distrifusion
 torchrun --nproc_per_node=2 -m workbench distrifusion ARGS
+python -m workbench debias {train-classifier,train-adp,evaluate,sweep}   # paper 3 on the toy world
+python -m workbench sadm {finetune,points,evaluate,cost}   # paper 5 on the toy world
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _zoo(args: argparse.Namespace) -> None:
     elif args.action == "evaluate":
         from workbench import zoo_report
 
-        names = [args.name] if args.name else list(zoo.ZOO)
+        names = [args.name] if args.name else list(zoo_report.EVALUATED_MODELS)
         for name in names:
             for key, value in zoo_report.evaluate(name, quick=args.quick or quick_mode()).items():
                 print(f"{name:12s} {key:48s} {value}")
@@ -67,11 +69,19 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "bench":
         if len(argv) < 2 or argv[1] not in BENCHMARKS:
             raise SystemExit(f"usage: python -m workbench bench {{{','.join(BENCHMARKS)}}} [ARGS]")
-        steady_cpu_allocator()  # timings without the page faults of fresh large blocks (see its docstring)
+        # The benchmarks' opt-in, process-wide and here only (no library code changes the allocator); each
+        # benchmark's first line says it (runtime.describe_machine).
+        steady_cpu_allocator()
         importlib.import_module(f"workbench.benchmarks.{argv[1]}").main(argv[2:])
         return
     if argv and argv[0] == "distrifusion":
         importlib.import_module("workbench.distrifusion.cli").main(argv[1:])
+        return
+    if argv and argv[0] == "debias":
+        importlib.import_module("workbench.debias.cli").main(argv[1:])
+        return
+    if argv and argv[0] == "sadm":
+        importlib.import_module("workbench.sadm.cli").main(argv[1:])
         return
 
     parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__.split("\n")[0])
@@ -90,13 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("name", nargs="?")
     evaluate.add_argument("--quick", action="store_true")
     zoo_parser.set_defaults(run=_zoo)
-    reproduce = commands.add_parser("reproduce", help="re-measure each paper's claim; writes reports/reproduce.md")
+    reproduce = commands.add_parser("reproduce", help="re-measure each paper's claim; writes OUT/reproduce.md")
     reproduce.add_argument("--quick", action="store_true")
     reproduce.add_argument("--only", nargs="+", default=None)
-    reproduce.add_argument("--out", default="reports")
+    reproduce.add_argument("--out", default="reports", help="report folder (docs/results for the committed one)")
     reproduce.set_defaults(run=_reproduce)
     commands.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS))
     commands.add_parser("distrifusion", help="patch-parallel sampling (run under torchrun)")
+    commands.add_parser("debias", help="Balancing Act: train the ADP heads and the evaluation classifier, evaluate")
+    commands.add_parser("sadm", help="SADM: fine-tune toy-uncond with the structure game, the 2-D tier, evaluate")
     args = parser.parse_args(argv)
     try:
         args.run(args)

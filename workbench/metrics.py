@@ -4,7 +4,7 @@
   formula, Heusel et al. 2017, eq. 6), here in the toy CLIP's image-feature space (:func:`clip_features`)
   instead of Inception's, so it runs offline.
 - :func:`fairness_discrepancy`: L2 distance between a target attribute distribution and the one a
-  classifier predicts for a batch (Balancing Act, Parihar et al. 2024, section 5).
+  classifier predicts for a batch (Balancing Act, Parihar et al., CVPR 2024, arXiv 2402.18206, section 5).
 - :func:`psnr`: peak signal-to-noise ratio in dB.
 - :func:`brightness_statistics`: mean brightness per image and its spread (SingDiffusion's "average
   brightness" problem).
@@ -16,9 +16,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import linalg
+from scipy import linalg, stats
 
-__all__ = ["brightness_statistics", "clip_features", "fairness_discrepancy", "frechet_distance", "psnr"]
+__all__ = [
+    "brightness_statistics",
+    "clip_features",
+    "fairness_discrepancy",
+    "frechet_distance",
+    "mean_interval",
+    "psnr",
+]
 
 
 def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
@@ -94,3 +101,14 @@ def brightness_statistics(images: np.ndarray | torch.Tensor) -> dict[str, float 
         "min": float(per_image.min()),
         "max": float(per_image.max()),
     }
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of its Student-t confidence interval (0 for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("values must not be empty")
+    if values.size == 1:
+        return float(values[0]), 0.0
+    half = stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
+    return float(values.mean()), float(half)

@@ -2,7 +2,9 @@
 
 Each paper contributes one section: a function ``reproduce(quick: bool, out_dir: Path) -> ReproSection``
 named in :data:`SECTIONS` by its import path, so this module never imports a paper module it is not
-asked to run. The report is ``reports/reproduce.md``: one table per section plus its figures.
+asked to run. The report is ``OUT/reproduce.md`` (``reports/`` by default; ``--out docs/results`` for the
+committed copy the README points to): one table per section, with its figures in ``OUT/NAME/`` linked by
+relative paths, so the folder can move as a whole.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ SECTIONS: dict[str, str] = {
     "zoo": "workbench.zoo_report:reproduce",
     "timesteps": "workbench.timesteps:reproduce",
     "distrifusion": "workbench.distrifusion.experiment:reproduce",
+    "sadm": "workbench.sadm.experiment:reproduce",
+    "debias": "workbench.debias.experiment:reproduce",
+    "singdiffusion": "workbench.singdiffusion.experiment:reproduce",
+    "tif": "workbench.tif.experiment:reproduce",
 }
 
 
@@ -79,8 +85,12 @@ def run_reproduction(
         raise ValueError(f"only: unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m workbench reproduce" + (" --quick" if quick else "")
+    command += (" --only " + " ".join(names) if only else "") + f" --out {out_dir.as_posix()}"
     parts = [
         "# Reproduction report",
+        "",
+        f"Written by `{command}`: the measured figures below come from that run.",
         "",
         f"Mode: {'quick' if quick else 'full'}. Machine: {describe_machine()}.",
         "",

@@ -8,6 +8,8 @@ toy-t2i        :class:`~workbench.pipelines.ToyTextToImagePipeline`: pixel-space
                (32, 64, 64) conditioned on toyclip's token states, Stable Diffusion's schedule
 toy-uncond     ``DDPMPipeline`` with a ``UNet2DModel`` trained on the *biased* world :data:`BIASED_WORLD`
                (attention only at 8x8 and in the mid block, so it samples on larger canvases too)
+toy-t2i-sing   SingDiffusion's module for toy-t2i: a time-free ``UNet2DConditionModel`` (32, 64) that predicts
+               E[x0 | prompt] from noise and toyclip's token states (paper 6)
 =============  ==========================================================================================
 
 Every model trains from scratch with ``python -m workbench zoo train NAME`` (periodic checkpoints in
@@ -24,6 +26,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import (
@@ -44,14 +47,19 @@ from workbench.training import DiffusionTrainConfig, config_record, train_diffus
 __all__ = [
     "BIASED_WORLD",
     "DATA_DIR",
+    "STABLE_DIFFUSION_ID",
     "ZOO",
+    "DemoPipeline",
     "ZooEntry",
+    "build_time_free_unet",
     "build_toy_t2i_unet",
     "build_toy_uncond_unet",
+    "build_untrained_pipeline",
     "find_local_weights",
     "load",
     "load_pipeline",
     "noise_scheduler",
+    "real_or_tiny_pipeline",
     "train",
 ]
 
@@ -88,7 +96,8 @@ def build_toy_t2i_unet(*, seed: int = 0) -> UNet2DConditionModel:
     """The toy text-to-image UNet, randomly initialised from ``seed``.
 
     One wide attention head per layer and bf16 autocast make it train ~2x faster on CPU than diffusers'
-    default head layout (ENVIRONMENT.md section 3).
+    default head layout: with many narrow heads the attention kernels dominate the step, and bf16 cannot
+    speed them up.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -121,6 +130,33 @@ def build_toy_uncond_unet(*, seed: int = 0) -> UNet2DModel:
             attention_head_dim=64,  # one head
             norm_num_groups=8,
         )
+
+
+def build_untrained_pipeline(name: str, *, seed: int = 0) -> DiffusionPipeline:
+    """A zoo pipeline's architecture with random weights: for mechanics (exactness, communication, timing)
+    where what the model draws does not matter. Nothing is trained or loaded; the result says nothing about
+    quality.
+
+    Args:
+        name: ``"toy-uncond"`` (a ``DDPMPipeline``) or ``"toy-t2i"`` (a
+            :class:`~workbench.pipelines.ToyTextToImagePipeline` with an untrained toy CLIP text encoder).
+        seed: the weights' seed (the same seed gives the same weights, on every process).
+
+    Raises:
+        ValueError: ``name`` is not one of the two pipelines.
+    """
+    if name == "toy-uncond":
+        return DDPMPipeline(unet=build_toy_uncond_unet(seed=seed), scheduler=sampling_scheduler())
+    if name == "toy-t2i":
+        # open_clip initialises from the global generator: seed it inside a forked state, so the caller's
+        # random stream is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text_encoder = ToyCLIPModel().eval()
+        return ToyTextToImagePipeline(
+            unet=build_toy_t2i_unet(seed=seed), scheduler=sampling_scheduler(), text_encoder=text_encoder
+        )
+    raise ValueError(f"name must be 'toy-uncond' or 'toy-t2i' (the zoo's pipelines), got {name!r}")
 
 
 def _train_toyclip(out_dir: Path, *, steps: int, seed: int, state_dir: Path, vision_steps: int = 800) -> None:
@@ -196,6 +232,70 @@ def _load_toy_uncond(path: Path) -> DDPMPipeline:
     return DDPMPipeline.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
 
 
+def build_time_free_unet(
+    *,
+    sample_size: int,
+    in_channels: int,
+    cross_attention_dim: int,
+    block_out_channels: tuple[int, int] = (32, 64),
+    seed: int = 0,
+) -> UNet2DConditionModel:
+    """A two-level ``UNet2DConditionModel`` meant to be called at one constant timestep (SingDiffusion's module).
+
+    diffusers' UNet has no switch to drop its time embedding; called always with the same placeholder
+    timestep, the time MLP is a learned per-channel bias that carries no time information. Cross-attention
+    at the lower level reads the text states (B, L, ``cross_attention_dim``).
+    """
+    if len(block_out_channels) != 2:
+        raise ValueError(f"block_out_channels must have two levels, got {tuple(block_out_channels)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=1,  # one wide head, as the toy text-to-image UNet (faster on CPU)
+            norm_num_groups=8,
+        )
+
+
+def _train_toy_t2i_sing(out_dir: Path, *, steps: int, seed: int, state_dir: Path) -> None:
+    # SingDiffusion's module for toy-t2i (paper 6): x_0 from pure noise and the prompt, the zoo's loop.
+    from workbench.training import conditional_mean_objective
+
+    pipe = load("toy-t2i")
+    module = build_time_free_unet(
+        sample_size=pipe.unet.config.sample_size,
+        in_channels=pipe.unet.config.in_channels,
+        cross_attention_dim=pipe.unet.config.cross_attention_dim,
+        seed=seed,
+    )
+    # A short run: a shorter EMA than the base models' and a higher learning rate for the small module.
+    config = DiffusionTrainConfig(
+        steps=steps, seed=seed, batch_size=32, learning_rate=1e-3, warmup_steps=50, ema_decay=0.99
+    )
+    module = train_diffusion(
+        module,
+        noise_scheduler(),
+        ToyWorld(),
+        config=config,
+        state_path=state_dir / "state.safetensors",
+        encode_prompts=pipe.text_encoder.encode_text_states,
+        description="toy-t2i-sing",
+        objective=conditional_mean_objective(),
+    )
+    checkpoint.save_model(module, out_dir, training=_record("toy-t2i-sing", config, state_dir))
+
+
+def _load_toy_t2i_sing(path: Path) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+
+
 ZOO: dict[str, ZooEntry] = {
     "toyclip": ZooEntry(
         "toyclip", "open_clip CLIP (ViT 4x128, text 4x128) on toy captions", 1600, _train_toyclip, _load_toyclip
@@ -213,6 +313,13 @@ ZOO: dict[str, ZooEntry] = {
         2000,
         _train_toy_uncond,
         _load_toy_uncond,
+    ),
+    "toy-t2i-sing": ZooEntry(
+        "toy-t2i-sing",
+        "SingDiffusion module for toy-t2i: time-free UNet2DConditionModel (32,64), E[x0 | prompt]",
+        800,
+        _train_toy_t2i_sing,
+        _load_toy_t2i_sing,
     ),
 }
 
@@ -299,3 +406,57 @@ def find_local_weights(id_or_path: str | Path) -> Path | None:
         return Path(snapshot_download(str(id_or_path), local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, OSError):
         return None
+
+
+STABLE_DIFFUSION_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass(frozen=True)
+class DemoPipeline:
+    """The pipeline :func:`real_or_tiny_pipeline` returns, and which one it is.
+
+    Attributes:
+        pipeline: the loaded diffusers pipeline.
+        is_real: True for the real checkpoint, False for the tiny random stand-in (its images are noise).
+        label: one line for the reader: what was loaded, from where.
+    """
+
+    pipeline: DiffusionPipeline
+    is_real: bool
+    label: str
+
+
+def real_or_tiny_pipeline(
+    model_id: str | Path = STABLE_DIFFUSION_ID, *, tiny: Literal["sd", "sdxl"] = "sd", seed: int = 0, **kwargs
+) -> DemoPipeline:
+    """A real pipeline if its weights are on this machine, else a tiny random one with the same layout.
+
+    For the notebooks' "On Stable Diffusion" sections: the same code runs on both, so a reader without the
+    weights still sees the code path (on noise). Nothing is downloaded: ``model_id`` (a hub id or a local
+    folder) is looked up with :func:`find_local_weights`. The stand-in comes from
+    :mod:`workbench.testing`, built in a temporary folder that is removed once it is loaded (the weights
+    stay in memory).
+
+    Args:
+        model_id: hub id or local folder of the real pipeline.
+        tiny: the stand-in's layout: ``"sd"`` (Stable Diffusion 1.x/2.x) or ``"sdxl"``.
+        seed: the stand-in's weights' seed.
+        **kwargs: passed to :func:`load_pipeline` for the real checkpoint (``dtype``, ``variant``, ...).
+
+    Raises:
+        ValueError: ``tiny`` is not ``"sd"`` or ``"sdxl"``, or the local weights do not load.
+    """
+    import tempfile
+
+    from workbench import testing
+
+    builders = {"sd": testing.tiny_stable_diffusion_pipeline, "sdxl": testing.tiny_stable_diffusion_xl_pipeline}
+    if tiny not in builders:
+        raise ValueError(f"tiny must be one of {sorted(builders)}, got {tiny!r}")
+    weights = find_local_weights(model_id)
+    if weights is not None:
+        return DemoPipeline(load_pipeline(weights, **kwargs), True, f"{model_id}, loaded from {weights}")
+    with tempfile.TemporaryDirectory(prefix="workbench-tiny-") as folder:
+        pipeline = builders[tiny](folder, seed=seed)
+    label = f"{model_id} is not on this machine: a tiny random {tiny.upper()} pipeline of its layout (images are noise)"
+    return DemoPipeline(pipeline, False, label)
