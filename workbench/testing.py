@@ -31,6 +31,7 @@ __all__ = [
     "tiny_unet2d",
     "tiny_unet2d_condition",
     "tiny_unet2d_condition_xl",
+    "tiny_vae",
 ]
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -103,6 +104,23 @@ def tiny_dit(*, seed: int = 0, sample_size: int = 16, in_channels: int = 3, num_
     )
 
 
+def tiny_vae(*, seed: int = 0) -> AutoencoderKL:
+    """A tiny random ``AutoencoderKL`` (4 latent channels, one downsampling: 32x32 images, 16x16 latents)."""
+    return _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            block_out_channels=(16, 32),
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            sample_size=32,
+        ),
+    )
+
+
 def tiny_clip_tokenizer(folder: str | Path):
     """A ``CLIPTokenizer`` over a character-level vocabulary written to ``folder`` (offline)."""
     from transformers import CLIPTokenizer
@@ -143,19 +161,7 @@ def tiny_stable_diffusion_pipeline(folder: str | Path, *, seed: int = 0) -> Stab
             )
         ),
     )
-    vae = _seeded(
-        seed + 2,
-        lambda: AutoencoderKL(
-            block_out_channels=(16, 32),
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            sample_size=32,
-        ),
-    )
+    vae = tiny_vae(seed=seed + 2)
     pipe = StableDiffusionPipeline(
         unet=tiny_unet2d_condition(seed=seed, sample_size=16),
         scheduler=DPMSolverMultistepScheduler(**SD_SCHEDULE, steps_offset=1),  # as Stable Diffusion ships it
@@ -227,19 +233,7 @@ def tiny_stable_diffusion_xl_pipeline(folder: str | Path, *, seed: int = 0) -> S
         layer_norm_eps=1e-5,
         hidden_act="gelu",
     )
-    vae = _seeded(
-        seed + 2,
-        lambda: AutoencoderKL(
-            block_out_channels=(16, 32),
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            sample_size=32,
-        ),
-    )
+    vae = tiny_vae(seed=seed + 2)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=_seeded(seed + 1, lambda: CLIPTextModel(text_config)),
