@@ -78,9 +78,25 @@ def test_report_under_docs_results_names_its_command_and_links_figures_relativel
     report = run_reproduction(quick=True, only=["figure"], out_dir="docs/results")
     assert report == Path("docs/results/reproduce.md")
     text = report.read_text()
-    assert "Written by `python -m workbench reproduce --quick --only figure --out docs/results`" in text
+    assert "Measured by `python -m workbench reproduce --quick --only figure --out docs/results`" in text
     assert re.findall(r"!\[[^]]*\]\(([^)]+)\)", text) == ["figure/curve.png"]
     assert (report.parent / "figure" / "curve.png").is_file()
+
+
+def _other_section(quick: bool, out_dir: Path) -> ReproSection:
+    return ReproSection("Another section", "another claim", [{"n": 2}], "does not hold")
+
+
+def test_sections_run_separately_share_one_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(SECTIONS, "figure", f"{__name__}:_figure_section")
+    monkeypatch.setitem(SECTIONS, "other", f"{__name__}:_other_section")
+    run_reproduction(quick=True, only=["other"], out_dir=tmp_path)
+    text = run_reproduction(quick=False, only=["figure"], out_dir=tmp_path).read_text()
+    # the second run kept the first run's section, and each section names the run that measured it
+    assert text.index("## A section") < text.index("## Another section")
+    assert "reproduce --only figure" in text and "(full mode)" in text
+    assert "reproduce --quick --only other" in text and "(quick mode)" in text
+    assert (tmp_path / "other.md").is_file() and (tmp_path / "figure.md").is_file()
 
 
 def test_section_markdown_lists_rows_and_figures(tmp_path):
