@@ -4,7 +4,7 @@ python -m workbench zoo list                    # the zoo, and what is shipped i
 python -m workbench zoo train toy-t2i           # train (or resume) one model
 python -m workbench zoo load toyclip            # load one and describe it
 python -m workbench zoo evaluate [--quick]      # the zoo's quality figures
-python -m workbench reproduce [--quick] [--only NAME ...] [--out DIR]   # writes DIR/NAME.md, DIR/reproduce.md (reports/)
+python -m workbench reproduce [--quick] [--only NAME ...] [--out DIR]  # DIR/NAME.md + DIR/reproduce.md
 python -m workbench bench NAME [ARGS]           # benchmarks: toyworld, timesteps, distrifusion
 torchrun --nproc_per_node=2 -m workbench distrifusion ARGS
 python -m workbench debias {train-classifier,train-adp,evaluate,sweep}   # paper 3 on the toy world
