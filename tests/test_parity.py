@@ -81,14 +81,20 @@ def test_a_pipeline_saved_with_the_unipc_scheduler_loads_back_with_it(pipe, tmp_
     assert loaded.scheduler.config.final_sigmas_type == "sigma_min" and loaded.scheduler.config.solver_order == 3
 
 
-def test_unipc_in_the_pipeline_equals_the_raw_loop(pipe) -> None:
+@pytest.mark.parametrize("guidance_rescale", [0.0, 0.7])
+def test_unipc_in_the_pipeline_equals_the_raw_loop(pipe, guidance_rescale: float) -> None:
     # One scheduler serves both: the stock pipeline and workbench.sampling.denoise (with SDXL's added
-    # conditioning) compute the same latents from the same noise.
+    # conditioning and the pipelines' guidance_rescale) compute the same latents from the same noise.
     steps = optimize_timesteps(NoiseSchedule.from_scheduler(pipe.scheduler), 4, solver="unipc", order=3)
     pipe.scheduler = solver_scheduler("unipc", 3, pipe.scheduler)
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     from_pipeline = pipe(
-        PROMPT, timesteps=steps.timesteps(), guidance_scale=3.0, latents=noise, output_type="latent"
+        PROMPT,
+        timesteps=steps.timesteps(),
+        guidance_scale=3.0,
+        guidance_rescale=guidance_rescale,
+        latents=noise,
+        output_type="latent",
     ).images
     conditioning = {}
     if _is_xl(pipe):
@@ -108,10 +114,14 @@ def test_unipc_in_the_pipeline_equals_the_raw_loop(pipe) -> None:
         prompt_embeds=embeds,
         negative_prompt_embeds=negative,
         guidance_scale=3.0,
+        guidance_rescale=guidance_rescale,
         progress=False,
         **conditioning,
     )
     torch.testing.assert_close(from_loop, from_pipeline)
+    if guidance_rescale:
+        unrescaled = pipe(PROMPT, timesteps=steps.timesteps(), guidance_scale=3.0, latents=noise, output_type="latent")
+        assert not torch.allclose(from_pipeline, unrescaled.images)
 
 
 def test_the_raw_loop_refuses_an_sdxl_unet_without_its_added_conditioning(tiny_sdxl_pipeline, tiny_sd_pipeline):

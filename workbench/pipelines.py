@@ -2,9 +2,9 @@
 
 :class:`ToyTextToImagePipeline` mirrors ``StableDiffusionPipeline`` where the methods touch it
 (``unet``, ``scheduler``, ``text_encoder``, ``encode_prompt`` with the same signature and return value,
-``__call__`` with ``prompt``/``num_inference_steps``/``timesteps``/``guidance_scale``/``generator``), so a
-paper method written against one runs on the other. It has no VAE: the UNet works on pixels in [-1, 1]
-(``vae`` is None and ``vae_scale_factor`` is 1).
+``__call__`` with ``prompt``, ``num_inference_steps``, ``timesteps``, ``guidance_scale``, ``guidance_rescale``,
+``generator`` and ``latents``), so a paper method written against one runs on the other. It has no VAE:
+the UNet works on pixels in [-1, 1] (``vae`` is None and ``vae_scale_factor`` is 1).
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class ToyTextToImagePipeline(DiffusionPipeline):
         num_inference_steps: int | None = 20,
         timesteps: Sequence[int] | None = None,
         guidance_scale: float = 4.0,
+        guidance_rescale: float = 0.0,
         negative_prompt: str | Sequence[str] | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -105,6 +106,8 @@ class ToyTextToImagePipeline(DiffusionPipeline):
                 2^(number of down blocks - 1).
             num_inference_steps, timesteps: the schedule; ``timesteps`` (descending ints) overrides.
             guidance_scale: classifier-free guidance weight (1 disables guidance).
+            guidance_rescale: rescale of the guided prediction toward the conditional one's standard
+                deviation, in [0, 1], as ``StableDiffusionPipeline``'s (see :func:`~workbench.sampling.denoise`).
             generator: seeds the initial noise (a list gives one generator per image).
             latents: initial noise (B, 3, H, W) instead of drawing it.
             output_type: "np" ((B, H, W, 3) in [0, 1]), "pt" ((B, 3, H, W) in [0, 1]) or "pil".
@@ -134,6 +137,7 @@ class ToyTextToImagePipeline(DiffusionPipeline):
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
             generator=generator,
             callback=callback,
             progress=progress,

@@ -115,6 +115,7 @@ def denoise(
     prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
     added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
     negative_added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
@@ -133,6 +134,10 @@ def denoise(
         prompt_embeds, negative_prompt_embeds: (B, L, D) text states; both for classifier-free guidance.
         guidance_scale: w in ``eps_u + w (eps_c - eps_u)``; guidance runs when > 1 and
             ``negative_prompt_embeds`` is given.
+        guidance_rescale: phi in [0, 1] of Lin et al. (WACV 2024, "Common Diffusion Noise Schedules and
+            Sample Steps are Flawed", Section 3.4): the guided prediction is rescaled to the conditional
+            one's standard deviation and mixed back with weight phi, as ``StableDiffusionPipeline``'s
+            argument of the same name (diffusers' ``rescale_noise_cfg``); 0 leaves guidance unchanged.
         added_cond_kwargs, negative_added_cond_kwargs: the extra conditioning of a UNet with an
             ``addition_embed_type`` (SDXL's "text_time": ``text_embeds`` (B, D_pooled) and ``time_ids``
             (B, 6)), for the prompts and, with guidance, for the negative prompts; refused for a UNet
@@ -142,9 +147,15 @@ def denoise(
         progress: show a tqdm bar.
 
     Raises:
-        ValueError: the UNet needs added conditioning that is missing (or gets some it has no use for).
+        ValueError: the UNet needs added conditioning that is missing (or gets some it has no use for), or
+            ``guidance_rescale`` is outside [0, 1].
     """
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     guided = negative_prompt_embeds is not None and guidance_scale > 1.0
+    if guided and guidance_rescale > 0.0:
+        # imported here: the Stable Diffusion pipeline module pulls in transformers (~3 s)
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
     added = _added_conditioning(unet, added_cond_kwargs, negative_added_cond_kwargs if guided else None, guided)
     if configure_scheduler:
         set_timesteps(scheduler, num_inference_steps=num_inference_steps, timesteps=timesteps, device=latents.device)
@@ -162,6 +173,8 @@ def denoise(
         if guided:
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            if guidance_rescale > 0.0:
+                noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=guidance_rescale)
         latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
         if callback is not None:
             callback(StepInfo(index, t, latents, noise_pred))
