@@ -305,7 +305,7 @@ def test_comparison_runs_every_method_from_the_same_noise(toy_pipe, toyclip):
         sample_size=32, in_channels=3, cross_attention_dim=128, block_out_channels=(8, 16)
     )
     groups = [experiment.prompt_groups()[0], experiment.prompt_groups()[-1]]
-    methods = ["base", "singdiffusion", "oracle", "trailing", "signal leak"]
+    methods = ["base", "singdiffusion", "oracle", "trailing", "guidance rescale", "signal leak", "offset noise"]
     comparison = experiment.run_comparison(
         toy_pipe,
         module=module,
@@ -313,6 +313,7 @@ def test_comparison_runs_every_method_from_the_same_noise(toy_pipe, toyclip):
         groups=groups,
         num_per_group=3,
         num_inference_steps=2,
+        offset_pipe=toy_pipe,  # the same weights stand in for the fine-tune: it must then equal the base
         oracle=sing.ToyWorldOracle(num_images=20),
     )
     rows = experiment.summarise(comparison, toyclip)
@@ -321,8 +322,17 @@ def test_comparison_runs_every_method_from_the_same_noise(toy_pipe, toyclip):
     # The oracle's first step puts a black background under a random model: its border is darker.
     black = {r["method"]: r["background mean"] for r in rows if r["group"] == "black"}
     assert black["oracle"] < black["base"]
+    np.testing.assert_array_equal(comparison.images[("offset noise", "black")], comparison.images[("base", "black")])
+    assert not np.array_equal(comparison.images[("guidance rescale", "black")], comparison.images[("base", "black")])
+    with pytest.raises(ValueError, match="offset_pipe"):
+        experiment.sample_method(toy_pipe, ["a circle"], "offset noise", torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="method"):
         experiment.sample_method(toy_pipe, ["a circle"], "zero snr", torch.zeros(1, 3, 32, 32))
+
+
+def test_toy_pipeline_refuses_a_guidance_rescale_outside_zero_to_one(toy_pipe):
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        toy_pipe("a red circle", num_inference_steps=1, guidance_rescale=1.5, progress=False)
 
 
 def test_training_objectives_for_the_module_and_offset_noise():

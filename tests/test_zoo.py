@@ -1,5 +1,6 @@
 """The zoo: loading (shipped models, real-pipeline paths, bad input) and the toy pipeline's contracts."""
 
+import json
 import shutil
 
 import numpy as np
@@ -186,6 +187,25 @@ def test_zero_shot_over_a_subset_of_values_renormalises_the_full_softmax(random_
     for values in (("circle", "hexagon"), ("circle",), ("circle", "circle")):
         with pytest.raises(ValueError, match="values must be two or more distinct shape values"):
             zero_shot_probabilities(clip, images, "shape", values=values)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_every_zoo_model_is_shipped_with_its_training_record(name):
+    folder = zoo.DATA_DIR / name
+    record = json.loads((folder / "training.json").read_text())
+    assert record["command"].startswith(f"python -m workbench zoo train {name} ")
+    assert zoo.load(name) is not None
+
+
+def test_offset_noise_fine_tune_starts_from_toy_t2i_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "RUNS_DIR", tmp_path / "runs")
+    out = zoo.train("toy-t2i-offset", steps=1, out_dir=tmp_path / "offset", offset=0.2)
+    record = json.loads((out / "training.json").read_text())
+    assert record["fine_tuned_from"] == "toy-t2i" and record["offset"] == 0.2 and "--offset 0.2" in record["command"]
+    base, tuned = zoo.load("toy-t2i").unet, zoo.load("toy-t2i-offset", path=out).unet
+    # one step of a fine-tune moves the weights a little, not from a fresh initialisation
+    changes = [(a - b).abs().max() for a, b in zip(base.parameters(), tuned.parameters(), strict=True)]
+    assert 0 < max(changes) < 0.05
 
 
 def test_train_rejects_options_the_model_does_not_take(tmp_path):

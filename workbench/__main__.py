@@ -31,9 +31,10 @@ def _zoo(args: argparse.Namespace) -> None:
         for name, entry in zoo.ZOO.items():
             folder = zoo.DATA_DIR / name
             shipped = "shipped" if folder.is_dir() else "not trained"
-            print(f"{name:12s} {shipped:12s} {entry.description}")
+            print(f"{name:14s} {shipped:12s} {entry.description}")
     elif args.action == "train":
         options = {} if args.vision_steps is None else {"vision_steps": args.vision_steps}
+        options |= {} if args.offset is None else {"offset": args.offset}
         path = zoo.train(args.name, steps=args.steps, seed=args.seed, **options)
         print(f"saved {args.name} to {path}")
     elif args.action == "load":
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--steps", type=int, default=None, help="default: the zoo entry's")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--vision-steps", type=int, default=None, help="toyclip only: locked-text steps (default 800)")
+    train.add_argument("--offset", type=float, default=None, help="toy-t2i-offset only: the noise offset (default 0.1)")
     load = zoo_actions.add_parser("load")
     load.add_argument("name")
     evaluate = zoo_actions.add_parser("evaluate")

@@ -1,21 +1,23 @@
 """The model zoo: build, train, save and load the small offline models; load real pipelines by id or path.
 
-=============  ==========================================================================================
-name           what it is
-=============  ==========================================================================================
-toyclip        :class:`~workbench.toyclip.ToyCLIPModel` (open_clip CLIP, 8 M parameters) trained on captions
-toy-t2i        :class:`~workbench.pipelines.ToyTextToImagePipeline`: pixel-space ``UNet2DConditionModel``
-               (32, 64, 64) conditioned on toyclip's token states, Stable Diffusion's schedule
-toy-uncond     ``DDPMPipeline`` with a ``UNet2DModel`` trained on the *biased* world :data:`BIASED_WORLD`
-               (attention only at 8x8 and in the mid block, so it samples on larger canvases too)
-toy-t2i-sing   SingDiffusion's module for toy-t2i: a time-free ``UNet2DConditionModel`` (32, 64) that predicts
-               E[x0 | prompt] from noise and toyclip's token states (paper 6)
-=============  ==========================================================================================
+==============  ==========================================================================================
+name            what it is
+==============  ==========================================================================================
+toyclip         :class:`~workbench.toyclip.ToyCLIPModel` (open_clip CLIP, 8 M parameters) trained on captions
+toy-t2i         :class:`~workbench.pipelines.ToyTextToImagePipeline`: pixel-space ``UNet2DConditionModel``
+                (32, 64, 64) conditioned on toyclip's token states, Stable Diffusion's schedule
+toy-uncond      ``DDPMPipeline`` with a ``UNet2DModel`` trained on the *biased* world :data:`BIASED_WORLD`
+                (attention only at 8x8 and in the mid block, so it samples on larger canvases too)
+toy-t2i-sing    SingDiffusion's module for toy-t2i: a time-free ``UNet2DConditionModel`` (32, 64) that predicts
+                E[x0 | prompt] from noise and toyclip's token states (paper 6)
+toy-t2i-offset  toy-t2i fine-tuned with offset noise (Guttenberg 2023): the retraining baseline paper 6 is
+                compared with; same architecture and pipeline as toy-t2i
+==============  ==========================================================================================
 
-Every model trains from scratch with ``python -m workbench zoo train NAME`` (periodic checkpoints in
-``runs/NAME``, resumed on a rerun) and ships in ``data/NAME`` as fp16 safetensors + JSON config with a
-``training.json`` that records the command and seed. Loading is safetensors only; a missing or corrupt
-checkpoint raises, it never falls back to random weights.
+Every model trains with ``python -m workbench zoo train NAME`` (from scratch, except the fine-tune
+toy-t2i-offset; periodic checkpoints in ``runs/NAME``, resumed on a rerun) and ships in ``data/NAME`` as
+fp16 safetensors + JSON config with a ``training.json`` that records the command and seed. Loading is
+safetensors only; a missing or corrupt checkpoint raises, it never falls back to random weights.
 """
 
 from __future__ import annotations
@@ -177,10 +179,16 @@ def _train_toy_t2i(out_dir: Path, *, steps: int, seed: int, state_dir: Path) -> 
     )
     pipe = ToyTextToImagePipeline(unet=unet, scheduler=sampling_scheduler(), text_encoder=text_encoder)
     _save_pipeline(pipe, out_dir, {"unet": unet}, _record("toy-t2i", config, state_dir))
-    # The text encoder is the zoo's toyclip: link it rather than store a second copy.
+    _link_toyclip(out_dir)
+
+
+def _link_toyclip(out_dir: Path) -> None:
+    """The text encoder is the zoo's toyclip: link it (relatively inside data/) rather than store a copy."""
     link = out_dir / "text_encoder"
-    if not link.exists():
-        link.symlink_to(Path("..") / "toyclip", target_is_directory=True)
+    if link.is_symlink() or link.exists():
+        return
+    inside_data = out_dir.resolve().parent == DATA_DIR.resolve()
+    link.symlink_to(Path("..") / "toyclip" if inside_data else DATA_DIR.resolve() / "toyclip", target_is_directory=True)
 
 
 def _train_toy_uncond(out_dir: Path, *, steps: int, seed: int, state_dir: Path) -> None:
@@ -292,6 +300,33 @@ def _train_toy_t2i_sing(out_dir: Path, *, steps: int, seed: int, state_dir: Path
     checkpoint.save_model(module, out_dir, training=_record("toy-t2i-sing", config, state_dir))
 
 
+def _train_toy_t2i_offset(out_dir: Path, *, steps: int, seed: int, state_dir: Path, offset: float = 0.1) -> None:
+    # Paper 6's retraining baseline: the shipped toy-t2i, fine-tuned with eps + offset * N(0, 1) per (B, C, 1, 1).
+    from workbench.training import offset_noise_objective
+
+    base = load("toy-t2i")
+    scheduler = noise_scheduler()
+    # A fine-tune: lower learning rate, short warm-up, and an EMA window (~200 steps) well inside the run.
+    config = DiffusionTrainConfig(
+        steps=steps, seed=seed, learning_rate=2e-4, warmup_steps=50, ema_decay=0.995, checkpoint_every=100
+    )
+    unet = train_diffusion(
+        base.unet,
+        scheduler,
+        ToyWorld(),
+        config=config,
+        state_path=state_dir / "state.safetensors",
+        encode_prompts=base.text_encoder.encode_text_states,
+        description="toy-t2i-offset",
+        objective=offset_noise_objective(scheduler, offset),
+    )
+    pipe = ToyTextToImagePipeline(unet=unet, scheduler=sampling_scheduler(), text_encoder=base.text_encoder)
+    record = _record("toy-t2i-offset", config, state_dir) | {"fine_tuned_from": "toy-t2i", "offset": offset}
+    record["command"] += f" --offset {offset}"
+    _save_pipeline(pipe, out_dir, {"unet": unet}, record)
+    _link_toyclip(out_dir)
+
+
 def _load_toy_t2i_sing(path: Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
 
@@ -320,6 +355,13 @@ ZOO: dict[str, ZooEntry] = {
         800,
         _train_toy_t2i_sing,
         _load_toy_t2i_sing,
+    ),
+    "toy-t2i-offset": ZooEntry(
+        "toy-t2i-offset",
+        "toy-t2i fine-tuned with offset noise 0.1 (the retraining baseline of SingDiffusion)",
+        1000,
+        _train_toy_t2i_offset,
+        _load_toy_t2i,
     ),
 }
 
