@@ -551,7 +551,8 @@ def reproduce(*, quick: bool, out_dir: Path) -> ReproSection:
         + trailing_note
         + f"Guidance rescale: guidance_rescale={GUIDANCE_RESCALE}; it rescales every step's guided prediction to the "
         "conditional one's spread and leaves the start alone (Lin et al. pair it with a zero-terminal-SNR schedule, "
-        "which this base model was not trained with), so compare its rows with the base's. Offset noise: the shipped toy-t2i-offset, "
+        "which this base model was not trained with), so compare its rows with the base's. "
+        "Offset noise: the shipped toy-t2i-offset, "
         f"toy-t2i fine-tuned {_fine_tune_steps(offset_pipe)} steps with offset 0.1 (retrains the whole denoiser). "
         f"Module x_bar vs the toy world's exact mean (pixel RMSE in [0, 1] units, 4 noises averaged): {rmse}."
     )
