@@ -336,7 +336,85 @@ def test_plots_return_figures_and_refuse_mismatched_data():
     assert figure.axes
     with pytest.raises(ValueError, match="3 entries for 2 classes"):
         distribution_bars_figure({"unguided": [0.8, 0.1, 0.1]}, ["circle", "square"])
-    curves = {"unguided": {4: (0.3, 0.1), 8: (0.2, 0.1)}, "batch": {4: (0.1, 0.05), 8: (0.05, 0.02)}}
-    assert batch_size_figure(curves, scale=1.0).axes
+    assert len(batch_size_figure(_fake_sweep()).axes) == 2
+    with pytest.raises(ValueError, match="curves"):
+        batch_size_figure(_fake_sweep() | {"curves": {}})
     assert adp_accuracy_figure({"shape": {"pseudo": [0.5, 0.7, 0.9]}}, [999, 500, 1]).axes
     plt.close("all")
+
+
+def _fake_sweep(shares=None) -> dict:
+    """A batch_size_sweep result with the given pooled shares of the first class per setting and batch size."""
+    shares = shares or {"unguided": {4: 0.7, 16: 0.7}, "batch": {4: 0.32, 16: 0.3}, "none": {4: 0.1, 16: 0.3}}
+    point = lambda share: {  # noqa: E731
+        "share": [share, 1 - share],
+        "share_se": 0.02,
+        "pooled_fd": abs(share - 0.3) * 2**0.5,
+        "batch_fd": 0.1,
+        "batch_fd_std": 0.05,
+    }
+    return {
+        "target": [0.3, 0.7],
+        "class_names": ["red", "blue"],
+        "num_images": 512,
+        "scale": 1.0,
+        "reference_batch_size": 16,
+        "iid_batch_fd": {4: 0.3, 16: 0.15},
+        "curves": {name: {size: point(v) for size, v in points.items()} for name, points in shares.items()},
+    }
+
+
+def test_flatness_reads_the_range_of_the_pooled_share_against_its_sampling_error():
+    from workbench.debias.experiment import flatness
+
+    summary = flatness(_fake_sweep())
+    assert summary["batch"]["range"] == pytest.approx(0.02)
+    assert summary["none"]["range"] == pytest.approx(0.2)
+    assert summary["batch"]["two_se"] == pytest.approx(0.04)
+    assert summary["batch"]["range"] <= summary["batch"]["two_se"] < summary["none"]["range"]
+
+
+@pytest.mark.parametrize("normalization", ["batch", "none"])
+def test_batch_normalisation_makes_each_samples_push_independent_of_batch_size(normalization):
+    """A batch of N copies of one image: p_hat equals each sample's prediction at every N, so only the 1/N of
+    the batch mean differs. With "batch" each sample's edit of h is the same at N = 2 and 8; without, 4x."""
+    unet, scheduler = tiny_unet2d(), _scheduler()
+    scheduler.set_timesteps(4)
+    timestep = int(scheduler.timesteps[1])
+    adp = _toy_adp(unet, scheduler.timesteps.tolist())
+    config = GuidanceConfig(AttributeTarget("shape", [0.9, 0.1]), scale=50.0, scale_normalization=normalization)
+    image = initial_noise((1, 3, 32, 32), torch.Generator().manual_seed(0))
+    edits = {}
+    for size in (2, 8):
+        batch = image.expand(size, -1, -1, -1)
+        with torch.no_grad(), record_hspace(unet, dtype=torch.float32) as plain:
+            unet(batch, timestep)
+        with (
+            torch.no_grad(),
+            h_guidance(unet, {"shape": adp}, config),
+            record_hspace(unet, dtype=torch.float32) as edited,
+        ):
+            unet(batch, timestep)
+        edits[size] = (edited.h[0] - plain.h[0])[0]
+    assert edits[2].abs().max() > 0
+    ratio = 1.0 if normalization == "batch" else 4.0
+    torch.testing.assert_close(edits[2], ratio * edits[8], rtol=1e-3, atol=1e-6)
+
+
+def test_target_weight_and_tuning_refuse_bad_input():
+    from workbench.debias.experiment import TARGET_WEIGHTS, batch_size_sweep, target_weight, tune_weights
+
+    assert target_weight("shape") == TARGET_WEIGHTS["distribution"][("shape",)]
+    assert target_weight(("shape", "colour"), "x0-sample") == TARGET_WEIGHTS["x0-sample"][("shape", "colour")]
+    with pytest.raises(ValueError, match="no tuned weight"):
+        target_weight("gender")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        target_weight("shape", "pixel")
+    with pytest.raises(ValueError, match="weights must be finite"):
+        tune_weights(weights=(1.0, -2.0))
+    with pytest.raises(ValueError, match="held-out seeds"):
+        tune_weights(seeds=(100, 1))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tune_weights("pixel")
+    with pytest.raises(ValueError, match="divide num_images"):
+        batch_size_sweep(batch_sizes=(4, 6), num_images=16)

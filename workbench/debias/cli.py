@@ -1,9 +1,10 @@
-"""``python -m workbench debias {train-classifier,train-adp,evaluate,sweep}``: Balancing Act on the toy world."""
+"""``python -m workbench debias {train-classifier,train-adp,tune,evaluate,sweep}``: Balancing Act on the toy world."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from workbench.runtime import quick_mode
 
@@ -27,10 +28,15 @@ def main(argv: list[str]) -> None:
     )
     adp.add_argument("--seed", type=int, default=0)
     adp.add_argument("--out", default=None, help="default: data/toy-uncond-adp")
+    tune = actions.add_parser("tune", help="each target's guidance weight on held-out seeds (TARGET_WEIGHTS)")
+    tune.add_argument("--mode", default="distribution", choices=["distribution", "h-sample", "x0-sample"])
+    tune.add_argument("--quick", action="store_true")
+    tune.add_argument("--out", default=None, help="also write the measured table to this JSON file")
     evaluate = actions.add_parser("evaluate", help="FD / Frechet distance / cost of every method")
     evaluate.add_argument("--quick", action="store_true")
     sweep = actions.add_parser("sweep", help="discrepancy against batch size at one scale")
     sweep.add_argument("--quick", action="store_true")
+    sweep.add_argument("--out", default=None, help="also write the curves to this JSON file")
     args = parser.parse_args(argv)
 
     from workbench.debias import experiment
@@ -55,6 +61,12 @@ def main(argv: list[str]) -> None:
                     print(f"{attribute:7s} {key:15s} " + " ".join(f"{v:.2f}" for v in values))
             print(json.dumps(record["pseudo_label_agreement_with_truth"]), record["seconds"])
             print(f"saved to {out}")
+        elif args.action == "tune":
+            record = experiment.tune_weights(args.mode, **experiment.tuning_sizes(args.quick or quick_mode()))
+            for row in record["rows"]:
+                print(json.dumps(row))
+            print("chosen weights:", json.dumps(record["chosen"]))
+            _write(args.out, record)
         elif args.action == "evaluate":
             quick = args.quick or quick_mode()
             rows = experiment.compare_methods(**experiment.comparison_sizes(quick))
@@ -62,10 +74,19 @@ def main(argv: list[str]) -> None:
                 print(json.dumps(row))
         elif args.action == "sweep":
             quick = args.quick or quick_mode()
-            curves = experiment.batch_size_sweep(**experiment.sweep_sizes(quick))
-            print(json.dumps(curves, indent=1))
+            sweep = experiment.batch_size_sweep(**experiment.sweep_sizes(quick))
+            print(json.dumps(sweep, indent=1))
+            print("flatness of the pooled share:", json.dumps(experiment.flatness(sweep)))
+            _write(args.out, sweep)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from error
+
+
+def _write(path: str | None, record: dict) -> None:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"written to {path}")
 
 
 def _heads(options: list[str], attributes) -> dict[str, str]:

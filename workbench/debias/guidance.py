@@ -17,8 +17,13 @@ Beyond the official code:
 - targets need not be uniform, and a target may be *joint* over several attributes (per-sample outer
   product of the attributes' ADP outputs, averaged over the batch), not only marginals;
 - ``scale_normalization="batch"`` multiplies the gradient by the batch size N. Since p_hat is a batch
-  mean, each sample's gradient carries a factor 1/N, so with the official (``"none"``) a scale tuned at one
-  batch size is too weak at a larger one;
+  mean, each sample's gradient carries a factor 1/N,
+  ``dL/dh_i = (1/N) sum_k 2 (p_hat_k - p_k) / p_k * dq_ik/dh_i`` (chi-square), so with the official update
+  (``"none"``) a scale tuned at one batch size is too weak at a larger one and too strong at a smaller one.
+  Times N, each sample's push depends on N only through p_hat, and the change of p_hat per step,
+  ``(1/N) sum_i dq_i/dh_i . delta h_i``, not at all in expectation. What stays N-dependent is sampling
+  noise: a batch of N is a sample of N, so its own discrepancy falls with N even when every batch is drawn
+  from the target itself; the scale's independence shows in the distribution pooled over many batches;
 - ``batch_groups`` splits the UNet batch into equal groups with a distribution each: 2 for a pipeline with
   classifier-free guidance, whose UNet batch is [unconditional; conditional] (the official SD code pools
   both halves into one p_hat).

@@ -98,34 +98,59 @@ def adp_accuracy_figure(
     return fig
 
 
-def batch_size_figure(
-    curves: Mapping[str, Mapping[int, tuple[float, float]]],
-    *,
-    scale: float,
-    reference_batch_size: int = 16,
-    ax: plt.Axes | None = None,
-) -> Figure:
-    """Per-batch fairness discrepancy against batch size (mean and std over batches), one line per setting."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 3.6))
-    fig = ax.figure
+def batch_size_figure(sweep: Mapping, *, axes: Sequence[plt.Axes] | None = None) -> Figure:
+    """The batch-size sweep (``workbench.debias.experiment.batch_size_sweep``) in two panels.
+
+    Left: the pooled share of the target's first class over all images against batch size, with its
+    sampling error (binomial, over all images) and the target; flat means the scale needs no re-tuning.
+    Right: the mean per-batch discrepancy, with what batches of that size drawn from the target itself
+    would show (the floor set by sampling alone).
+    """
+    curves = sweep["curves"]
+    if not curves:
+        raise ValueError("sweep['curves'] must not be empty")
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    left, right = axes
+    fig = left.figure
+    scale, reference = sweep["scale"] * sweep.get("weight", 1.0), sweep["reference_batch_size"]
     names = {
         "unguided": "unguided",
         "batch": f"normalised by batch size, scale {scale:g}",
-        "none": f"unnormalised (official), scale {scale * reference_batch_size:g} (equal at {reference_batch_size})",
+        "none": f"unnormalised (official), scale {scale * reference:g} (equal at {reference})",
     }
+    ticks = sorted({int(s) for points in curves.values() for s in points})
     colours = {"unguided": "C0", "batch": "C3", "none": "C1"}
     for name, points in curves.items():
-        sizes = sorted(points)
-        mean = np.array([points[s][0] for s in sizes])
-        std = np.array([points[s][1] for s in sizes])
-        ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, color=colours.get(name), label=names.get(name, name))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("fairness discrepancy per batch")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        sizes = sorted(points, key=int)
+        share = np.array([points[s]["share"][0] for s in sizes])
+        error = np.array([points[s]["share_se"] for s in sizes])
+        batch_fd = np.array([points[s]["batch_fd"] for s in sizes])
+        batch_std = np.array([points[s]["batch_fd_std"] for s in sizes])
+        x = [int(s) for s in sizes]
+        style = dict(marker="o", capsize=3, color=colours.get(name), label=names.get(name, name))
+        left.errorbar(x, share, yerr=error, **style)
+        right.errorbar(x, batch_fd, yerr=batch_std, **style)
+    left.axhline(sweep["target"][0], color="k", ls="--", lw=1, label="target")
+    floor = sweep["iid_batch_fd"]
+    right.plot(
+        sorted(int(s) for s in floor),
+        [floor[s] for s in sorted(floor, key=int)],
+        "k--",
+        lw=1,
+        label="batches drawn from the target",
+    )
+    left.set_ylabel(f"share of {sweep['class_names'][0]}, all {sweep['num_images']} images")
+    left.set_ylim(0, 1)
+    right.set_ylabel("fairness discrepancy per batch")
+    right.set_ylim(bottom=0)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("batch size")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 
