@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from workbench import tif
 from workbench.adapters import adapter_names, add_lora, use_adapter
@@ -38,7 +39,7 @@ def _call(unet, states):
 
 def test_adapter_training_lowers_the_loss_and_leaves_base_weights_bit_identical(pipe):
     scheduler = tiny_ddpm_scheduler()
-    shots = tif.MarkTask().shots(1, 0)
+    shots = tif.MarkTask(shapes=("circle",)).shots(1, 0)
     latents = tif.model_space(pipe, shots.images)
     states = tif.encode_prompt_states(pipe, shots.prompt)
     timesteps = torch.arange(50, 1000, 100)
@@ -88,6 +89,16 @@ def test_adapters_switch_by_name_and_round_trip(tmp_path):
     torch.testing.assert_close(_call(fresh, states), plain)
     use_adapter(fresh, "dotted")
     torch.testing.assert_close(_call(fresh, states), dotted)
+
+    # Stored in half precision, loaded back into the float32 model at fp16 accuracy.
+    tif.save_class_adapters(unet, tmp_path / "half", ["dotted", "plain"], dtype=torch.float16)
+    stored = load_file(tmp_path / "half" / "plain" / "pytorch_lora_weights.safetensors")
+    assert stored and all(v.dtype == torch.float16 for v in stored.values())
+    half = tiny_unet2d_condition(sample_size=16)
+    tif.load_class_adapters(half, tmp_path / "half")
+    use_adapter(half, "plain")
+    assert next(p for n, p in half.named_parameters() if "lora_A.plain" in n).dtype == torch.float32
+    torch.testing.assert_close(_call(half, states), plain, rtol=1e-2, atol=1e-2)
 
 
 def test_every_class_sees_the_same_noise_and_the_batch_equals_single_calls():
@@ -169,6 +180,41 @@ def test_pruning_keeps_the_top_classes_and_a_real_pruned_run_equals_its_replay()
         assert evaluated == survivors
 
 
+def test_a_truncated_pruned_run_equals_its_replay_on_the_full_grid():
+    unet = tiny_unet2d_condition(sample_size=16)
+    names = ["a", "b", "c", "d"]
+    _perturbed_adapters(unet, names, seed=6)
+    scheduler = tiny_ddpm_scheduler()
+    conditions = [tif.ClassCondition(n, _states(unet), n) for n in names]
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(8))
+    weights = tif.tif_weights(scheduler.alphas_cumprod, 4.0)
+    noise = torch.randn((3, 10, 4, 16, 16), generator=torch.Generator().manual_seed(9))
+    full_config = tif.ClassifyConfig((10,), (1,))
+    full = tif.classify(unet, scheduler, latents, conditions, weights, config=full_config, noise=noise, progress=False)
+
+    schedule = tif.ClassifyConfig((1, 4), (2, 1), max_timestep=400)
+    sub_grid, stages = schedule.stage_slots(1000)
+    assert sub_grid.tolist() == [50, 150, 250, 350] and sub_grid.tolist() == full.timesteps[:4].tolist()
+    assert [s.tolist() for s in stages] == [[2], [0, 1, 3]]
+    slots = tif.grid_indices(full.timesteps, sub_grid)
+    pruned = tif.classify(
+        unet, scheduler, latents, conditions, weights, config=schedule, noise=noise[:, slots], progress=False
+    )
+    assert pruned.timesteps.tolist() == sub_grid.tolist()
+    replay, calls = tif.simulate_pruning(full.errors[..., slots], weights[sub_grid], schedule)
+    assert torch.equal(pruned.predictions, replay) and torch.equal(pruned.unet_calls, calls)
+    assert (calls == 4 * 1 + 2 * 3).all()
+    torch.testing.assert_close(pruned.errors[:, :, 2], full.errors[:, :, 2])  # stage one: every class, t = 250
+
+    # The truncated grid keeps the steps whose weight is at least the threshold's share of the largest.
+    at_grid = weights[full.timesteps]
+    schedules = experiment.truncated_schedules(at_grid, 1000, threshold=0.01, keeps=(2,))
+    m = int((at_grid >= 0.01 * at_grid.max()).sum())
+    assert schedules["TiF truncated"].timesteps_per_stage == (m,)
+    assert schedules["TiF truncated"].max_timestep == 100 * m
+    assert schedules["TiF pruned (keep 2)"].keep_per_stage == ((2, 1) if m > 1 else (1,))
+
+
 def test_tif_weights_favour_small_t_and_the_knee_follows_the_distance():
     abar = tiny_ddpm_scheduler().alphas_cumprod
     weights = tif.tif_weights(abar, 5.0)
@@ -192,15 +238,27 @@ def test_class_distance_takes_the_closest_pair_of_different_classes():
 
 def test_mark_task_ties_the_cue_to_the_class_in_shots_only():
     task = tif.MarkTask()
+    assert len(task.class_names) == 9 and task.class_names[4] == "dotted-square"
     shots, test = task.shots(2, 0), task.test_set(6, 1)
     assert np.array_equal(shots.spurious, shots.labels)
     assert (test.spurious != test.labels).mean() == pytest.approx(2 / 3)
-    assert "dotted" not in task.prompt and "red" not in task.prompt
+    assert np.array_equal(test.spurious // 3, test.labels // 3)  # the cue points within the same shape
+    for word in ("dotted", "red", "circle", "square"):
+        assert word not in task.prompt
+    names = task.class_prompts("names")
+    assert names["dotted-square"] == "a large dotted square on a grey background"
+    tokens = task.class_prompts("tokens")
+    assert len(set(tokens.values())) == 9
+    for prompt in tokens.values():
+        assert not any(w in prompt.split() for w in ("plain", "dotted", "striped", "circle", "square", "triangle"))
+    one_shape = tif.MarkTask(shapes=("circle",))
+    assert one_shape.class_names == ("plain", "dotted", "striped") and "circle" in one_shape.prompt
+    assert one_shape.class_prompts("tokens")["plain"] == "a large hta circle on a grey background"
 
 
 def test_bad_input_is_a_clear_error(pipe, tmp_path):
     scheduler = tiny_ddpm_scheduler()
-    shots = tif.MarkTask().shots(1, 0)
+    shots = tif.MarkTask(shapes=("circle",)).shots(1, 0)
     no_dotted = tif.FewShotSet(shots.images[[0, 2]], np.array([0, 2]), shots.class_names, shots.prompt)
     with pytest.raises(ValueError, match=r"shots: class\(es\) \['dotted'\] have no images"):
         tif.train_class_adapters(pipe, scheduler, no_dotted, config=tif.AdapterTrainConfig(steps=1))
@@ -242,6 +300,16 @@ def test_bad_input_is_a_clear_error(pipe, tmp_path):
         tif.tif_weights(scheduler.alphas_cumprod, 0.0)
     with pytest.raises(ValueError, match="spurious_values must be 3 values"):
         tif.MarkTask(spurious_values=("red", "green"))
+    with pytest.raises(ValueError, match="shapes must be distinct values from"):
+        tif.MarkTask(shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError, match="naming must be 'names' or 'tokens', got 'ids'"):
+        tif.MarkTask().class_prompts("ids")
+    with pytest.raises(ValueError, match="max_timestep must be None or an integer >= the largest grid"):
+        tif.ClassifyConfig((2, 4), (2, 1), max_timestep=3)
+    with pytest.raises(ValueError, match="max_timestep must be <= num_train_timesteps=1000"):
+        tif.ClassifyConfig((4,), (1,), max_timestep=2000).stage_slots(1000)
+    with pytest.raises(ValueError, match=r"sub_grid: steps \[75\] are not on the grid"):
+        tif.grid_indices(torch.tensor([50, 150]), torch.tensor([50, 75]))
     with pytest.raises(FileNotFoundError, match=r"folder: no tif\.json"):
         tif.load_class_adapters(unet, tmp_path / "missing")
 
@@ -265,10 +333,27 @@ def test_the_experiment_runs_end_to_end_on_a_tiny_pipeline(pipe, tmp_path):
     assert len(rows) == len(config.shots) * config.draws and (tmp_path / "r.json").is_file()
     row = rows[0]
     assert row["pruning replay matches"]
-    assert row["unet_calls"]["TiF pruned"] < row["unet_calls"]["TiF"] == 3 * config.num_timesteps
-    assert set(row["accuracy"]) >= {"TiF", "uniform t", "large t only", "DC (class prompts)", "TiF pruned"}
+    assert row["unet_calls"]["TiF pruned (keep 2)"] <= row["unet_calls"]["TiF truncated"]
+    assert row["unet_calls"]["TiF truncated"] <= row["unet_calls"]["TiF"] == 3 * config.num_timesteps
+    assert set(row["accuracy"]) >= {
+        "TiF",
+        "uniform t",
+        "large t only",
+        "DC class prompts [names]",
+        "DC class prompts [tokens]",
+        "TiF pruned (keep 2)",
+        "uniform t pruned, full grid",
+    }
     assert adapter_names(pipe.unet) == []  # the draw's adapters are deleted afterwards
-    assert tif.load_class_adapters(pipe.unet, tmp_path / "adapters")["class_names"] == list(tif.MarkTask().class_names)
+    saved = tif.load_class_adapters(pipe.unet, tmp_path / "adapters")
+    assert saved["class_names"] == list(config.task.class_names)
     assert "| TiF |" in experiment.summary_markdown(rows)
+    customised = experiment.setting_methods(rows, "customised")
+    assert "DC class prompts [tokens]" in customised and not any("[names]" in m for m in customised)
+    assert "| DC class prompts [names] |" not in experiment.summary_markdown(rows, customised)
+    with pytest.raises(ValueError, match=r"methods: \['nope'\] are not in the rows"):
+        experiment.summarise(rows, ["TiF", "nope"])
+    with pytest.raises(ValueError, match="setting must be 'customised', 'named' or 'cost'"):
+        experiment.setting_methods(rows, "other")
     accuracy_calls_figure(rows)
     per_step_figure(rows)

@@ -33,6 +33,7 @@ SECTIONS: dict[str, str] = {
     "debias": "workbench.debias.experiment:reproduce",
     "singdiffusion": "workbench.singdiffusion.experiment:reproduce",
     "tif": "workbench.tif.experiment:reproduce",
+    "tif-marks": "workbench.tif.experiment:reproduce_marks_only",
 }
 
 

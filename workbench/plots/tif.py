@@ -73,20 +73,22 @@ def weights_figure(
 
 
 def accuracy_calls_figure(rows: Sequence[dict], *, ax: plt.Axes | None = None) -> Figure:
-    """Accuracy against UNet calls per image: nested grids (TiF and uniform) and the pruned/truncated points,
-    averaged over every (shots, draw) row."""
+    """Accuracy against UNet calls per image: nested sub-grids of the full grid (TiF and uniform weights) and
+    every truncated or pruned schedule, averaged over every (shots, draw) row."""
     figure, ax = _axes(ax)
     calls = [p["calls"] for p in rows[0]["curve"]]
     for name, style in (("TiF", "-o"), ("uniform t", "--s")):
         accuracy = [100 * np.mean([r["curve"][i][name] for r in rows]) for i in range(len(calls))]
         ax.plot(calls, accuracy, style, label=f"{name}, nested grids")
-    for name, marker in (("TiF pruned", "*"), ("TiF truncated", "D"), ("uniform t pruned", "x")):
-        if name in rows[0]["accuracy"]:
+    markers = iter("*DPXvh^")
+    for name in rows[0]["accuracy"]:
+        if "pruned" in name or "truncated" in name:
             ax.plot(
                 np.mean([r["unet_calls"][name] for r in rows]),
                 100 * np.mean([r["accuracy"][name] for r in rows]),
-                marker,
-                ms=10,
+                next(markers, "o"),
+                ls="none",
+                ms=9,
                 label=name,
             )
     ax.set_xscale("log")

@@ -42,6 +42,7 @@ from workbench.tif.classify import (
     ClassifyConfig,
     class_distance,
     classify,
+    grid_indices,
     noise_prediction_errors,
     select_classes,
     simulate_pruning,
@@ -60,9 +61,10 @@ from workbench.tif.learner import (
     save_class_adapters,
     train_class_adapters,
 )
-from workbench.tif.task import MarkTask
+from workbench.tif.task import CUSTOM_TOKENS, MarkTask
 
 __all__ = [
+    "CUSTOM_TOKENS",
     "AdapterTrainConfig",
     "ClassCondition",
     "ClassificationResult",
@@ -72,6 +74,7 @@ __all__ = [
     "class_distance",
     "classify",
     "encode_prompt_states",
+    "grid_indices",
     "levels_for_shots",
     "load_class_adapters",
     "model_space",

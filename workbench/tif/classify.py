@@ -24,6 +24,7 @@ __all__ = [
     "ClassifyConfig",
     "class_distance",
     "classify",
+    "grid_indices",
     "noise_prediction_errors",
     "select_classes",
     "simulate_pruning",
@@ -140,12 +141,16 @@ class ClassifyConfig:
 
     Stage s evaluates the grid of ``timesteps_per_stage[s]`` steps (nested: each size divides the last) on
     the classes still in the running, then keeps the ``keep_per_stage[s]`` best. One stage keeping one
-    class is the unpruned rule.
+    class is the unpruned rule. ``max_timestep`` (ours) spans the grids over [0, max_timestep) instead of
+    every training step: the steps TiF's weights ignore need not be evaluated at all. A grid of n steps over
+    [0, m) is the part below m of the grid of n * T / m steps over [0, T), so truncated runs can be replayed
+    on errors measured on the full grid.
     """
 
     timesteps_per_stage: tuple[int, ...] = (20,)  # official FGVC: (20, 50, 100, 500)
     keep_per_stage: tuple[int, ...] = (1,)  # official FGVC: (20, 10, 5, 1)
     batch_size: int = 64  # UNet inputs per forward
+    max_timestep: int | None = None  # None: the grid spans all training steps (official)
 
     def __post_init__(self) -> None:
         sizes, keep = tuple(self.timesteps_per_stage), tuple(self.keep_per_stage)
@@ -161,10 +166,21 @@ class ClassifyConfig:
             raise ValueError(f"keep_per_stage must end with 1, got {keep}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_timestep is not None and (not isinstance(self.max_timestep, int) or self.max_timestep < sizes[-1]):
+            raise ValueError(
+                f"max_timestep must be None or an integer >= the largest grid ({sizes[-1]}), got {self.max_timestep!r}"
+            )
 
     def stage_slots(self, num_train_timesteps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The full grid (G,) and, per stage, the indices into it of the steps that stage adds."""
-        grid = timestep_grid(num_train_timesteps, self.timesteps_per_stage[-1])
+        upper = num_train_timesteps
+        if self.max_timestep is not None:
+            if self.max_timestep > num_train_timesteps:
+                raise ValueError(
+                    f"max_timestep must be <= num_train_timesteps={num_train_timesteps}, got {self.max_timestep}"
+                )
+            upper = self.max_timestep
+        grid = timestep_grid(upper, self.timesteps_per_stage[-1])
         seen = torch.zeros(len(grid), dtype=torch.bool)
         stages = []
         for size in self.timesteps_per_stage:
@@ -291,13 +307,23 @@ def select_classes(
     return order[:keep], scores
 
 
+def grid_indices(grid: torch.Tensor, sub_grid: torch.Tensor) -> torch.Tensor:
+    """Positions in ``grid`` of every step of ``sub_grid`` (each must be on ``grid``)."""
+    position = {int(t): i for i, t in enumerate(grid)}
+    missing = [int(t) for t in sub_grid if int(t) not in position]
+    if missing:
+        raise ValueError(f"sub_grid: steps {missing} are not on the grid {grid.tolist()}")
+    return torch.tensor([position[int(t)] for t in sub_grid], dtype=torch.long)
+
+
 def simulate_pruning(
     errors: torch.Tensor, weights_at_grid: torch.Tensor, config: ClassifyConfig, num_train_timesteps: int = 1000
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replay :func:`classify`'s pruning on errors measured at the full grid (shared noise makes them equal).
 
     Args:
-        errors: (N, K, G) errors at the grid of ``config`` (NaN allowed only where pruning never looks).
+        errors: (N, K, G) errors at the grid of ``config`` (NaN allowed only where pruning never looks);
+            :func:`grid_indices` picks them out of errors measured on a larger grid.
 
     Returns:
         predictions (N,) and UNet calls (N,) the pruned run would have made.

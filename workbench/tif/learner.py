@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import SchedulerMixin
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from workbench.adapters import (
     ATTENTION_PROJECTIONS,
@@ -51,7 +53,7 @@ class FewShotSet:
         labels: int64 (N,) class indices into ``class_names``.
         class_names: the K classes (also the adapter names).
         prompt: the one prompt shared by every class (identity lives in the adapters).
-        spurious: optional int64 (N,) index of each image's spurious attribute value (for analysis).
+        spurious: optional int64 (N,) per image, the class its spurious cue points to (for analysis).
     """
 
     images: np.ndarray
@@ -208,15 +210,33 @@ def train_class_adapters(
 
 
 def save_class_adapters(
-    unet: torch.nn.Module, out_dir: str | Path, class_names: Sequence[str], *, metadata: dict | None = None
+    unet: torch.nn.Module,
+    out_dir: str | Path,
+    class_names: Sequence[str],
+    *,
+    metadata: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write each class's adapter to ``out_dir/NAME`` (safetensors) and ``out_dir/tif.json``."""
+    """Write each class's adapter to ``out_dir/NAME`` (safetensors) and ``out_dir/tif.json``.
+
+    Args:
+        dtype: store the weights in this floating dtype (e.g. ``torch.float16`` to halve the files);
+            None keeps the model's. Loading casts them back to the model's dtype.
+    """
     out_dir = Path(out_dir)
     missing = [n for n in class_names if n not in adapter_names(unet)]
     if missing:
         raise ValueError(f"class_names: no adapter attached for {missing}; attached: {adapter_names(unet)}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
     for name in class_names:
-        save_lora(unet, out_dir / name, adapter_name=name)
+        folder = save_lora(unet, out_dir / name, adapter_name=name)
+        if dtype is not None:
+            for file in folder.glob("*.safetensors"):
+                with safe_open(str(file), "pt") as handle:
+                    file_metadata = handle.metadata()
+                    tensors = {key: handle.get_tensor(key).to(dtype) for key in handle.keys()}  # noqa: SIM118
+                save_file(tensors, str(file), metadata=file_metadata)
     record = {"class_names": list(class_names), **(metadata or {})}
     (out_dir / "tif.json").write_text(json.dumps(record, indent=2, default=_plain))
     return out_dir
