@@ -408,3 +408,109 @@ def test_the_command_line_runs_the_2d_comparison(tmp_path, capsys):
     assert "energy distance" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["finetune", "nothing"])
+
+
+# The investigation: the exact posterior mean of the ring as the game's real side.
+
+
+def test_ring_posterior_mean_is_the_mse_optimal_prediction():
+    from workbench.sadm.toy2d import point_scheduler, ring_posterior_mean
+
+    scheduler = point_scheduler()
+    world = PointWorld("ring")
+    # Hand case: x_t = √ᾱ_t μ_k at small t is nearest mode k by far, so E[x_0 | x_t] = μ_k.
+    t = torch.full((8,), 50)
+    a = scheduler.alphas_cumprod[50].sqrt()
+    modes = torch.from_numpy(world.modes()).float()
+    torch.testing.assert_close(ring_posterior_mean(scheduler, a * modes, t), modes, atol=1e-4, rtol=0)
+    # Any other predictor of x_0 from x_t has a larger squared error (checked against two perturbations).
+    clean = torch.from_numpy(world.sample(20_000, 0).images)
+    t = torch.full((len(clean),), 200)
+    noisy = scheduler.add_noise(clean, torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)), t)
+    mean = ring_posterior_mean(scheduler, noisy, t)
+
+    def error(prediction):
+        return (prediction - clean).pow(2).sum(1).mean().item()
+
+    assert error(mean) < error(mean * 1.1) and error(mean) < error(mean * 0.9)
+    assert error(mean) < error(mean + torch.tensor([0.05, 0.0]))
+    with pytest.raises(ValueError, match="noisy"):
+        ring_posterior_mean(scheduler, torch.zeros(3, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_the_exact_denoiser_samples_the_ring_and_its_predictions_are_shrunk():
+    from workbench.sadm.toy2d import RingPosteriorDenoiser, sample_points
+
+    world = PointWorld("ring")
+    oracle = RingPosteriorDenoiser()
+    figures = point_metrics(sample_points(oracle, 500, seed=0), world.sample(2000, 1).images, world)
+    assert figures["modes covered"] == 8.0 and figures["precision"] > 0.9
+    spread = prediction_spread(oracle, world, timesteps=(100, 300), n=500)
+    # The posterior mean lacks the data's spread, and more so as t grows: what a critic can find.
+    assert spread["spread ratio"][1] < spread["spread ratio"][0] < 1.0
+
+
+def test_a_reference_replaces_the_real_side_of_the_game(tmp_path):
+    from workbench.sadm.toy2d import RingPosteriorDenoiser, point_scheduler, ring_posterior_mean
+
+    scheduler = point_scheduler()
+    world = PointWorld("ring")
+    clean = torch.from_numpy(world.sample(16, 0).images)
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.arange(16) * 15
+    noisy = scheduler.add_noise(clean, noise, t)
+    output = RingPosteriorDenoiser()(noisy, t).sample
+    info = DiffusionStep(0, None, clean, noise, noisy, t, output, None, None, noise)
+    config = SADMConfig(structure_weight=1.0, weight_warmup_steps=0, max_timestep=300, critic_width=8)
+
+    def exact(step: DiffusionStep) -> torch.Tensor:
+        return ring_posterior_mean(scheduler, step.noisy, step.timesteps)
+
+    # The exact denoiser's x̂_0 is the reference: with the same critic, the term is float32 rounding only,
+    # while against x_0 the same predictions are found wanting (they are shrunk toward the mean).
+    against_mean = StructureGame(scheduler, (2,), config, seed=0, reference=exact).term(info).item()
+    against_data = StructureGame(scheduler, (2,), config, seed=0).term(info).item()
+    assert against_mean < 0.02 * against_data
+    wrong = StructureGame(scheduler, (2,), config, seed=0, reference=lambda step: step.clean[:3])
+    with pytest.raises(ValueError, match="reference"):
+        wrong.term(info)
+    with pytest.raises(ValueError, match="reference"):
+        train_sadm(
+            PointDenoiser(),
+            scheduler,
+            world,
+            config=_config(2, batch_size=4),
+            state_path=tmp_path / "state.safetensors",
+            sadm=None,
+            encode_images=torch.from_numpy,
+            reference=exact,
+        )
+    with pytest.raises(ValueError, match="ring"):
+        train_points(PointWorld("moons"), sadm=config, steps=2, batch_size=4, reference="posterior mean")
+    with pytest.raises(ValueError, match="reference"):
+        train_points(world, sadm=config, steps=2, batch_size=4, reference="oracle")
+
+
+def test_the_2d_comparison_has_the_posterior_mean_arm():
+    from workbench.sadm.experiment import compare_points
+
+    game = SADMConfig(structure_weight=0.1, max_timestep=300, critic_width=8, weight_warmup_steps=0)
+    results = compare_points(seeds=(0,), steps=4, sadm=game, num_samples=50, batch_size=8, posterior_mean_arm=True)
+    assert set(results) == {"plain", "sadm", "plain, equal time", "sadm, posterior-mean reference"}
+    assert "critic distance" in results["sadm, posterior-mean reference"]
+    assert "critic distance" not in results["plain"]
+    assert results["plain, equal time"]["steps"][0] >= 4
+    with pytest.raises(ValueError, match="ring"):
+        compare_points(kind="moons", posterior_mean_arm=True)
+
+
+def test_the_image_tier_over_training_seeds_runs_three_arms():
+    from workbench.sadm.experiment import compare_finetunes
+
+    results = compare_finetunes(seeds=(0,), steps=3, num_samples=8, num_inference_steps=2, structure_batch=4)
+    assert set(results) == {"plain", "sadm", "plain, equal time"}
+    assert results["sadm"]["steps"] == [3.0]
+    assert results["plain, equal time"]["steps"][0] >= 3
+    assert all(len(values) == 1 for figures in results.values() for values in figures.values())
+    with pytest.raises(ValueError, match="steps"):
+        compare_finetunes(steps=2)

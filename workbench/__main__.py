@@ -8,7 +8,7 @@ python -m workbench reproduce [--quick] [--only NAME ...] [--out DIR]  # DIR/NAM
 python -m workbench bench NAME [ARGS]           # benchmarks: toyworld, timesteps, distrifusion
 torchrun --nproc_per_node=2 -m workbench distrifusion ARGS
 python -m workbench debias {train-classifier,train-adp,evaluate,sweep}   # paper 3 on the toy world
-python -m workbench sadm {finetune,points,evaluate,cost}   # paper 5 on the toy world
+python -m workbench sadm {finetune,finetunes,points,evaluate,cost}   # paper 5 on the toy world
 """
 
 from __future__ import annotations

@@ -43,6 +43,28 @@ Our choices, and why:
 - **Alternation:** one critic step after every denoiser step, on the same batch (the critic's update is an
   :class:`~workbench.training.AuxiliaryModel` of the zoo's loop); λ warms up linearly.
 
+What we measured, and why the term hurts at toy scale (:mod:`workbench.sadm.experiment`; the figures are in
+the ``sadm`` section of ``python -m workbench reproduce``):
+
+- On a 2-D ring of Gaussians and on fine-tunes of a small image UNet, over three training seeds, the term
+  never helped. Where its critic works, samples get worse (2-D: lower precision, fewer modes; images: a
+  larger Frechet distance for the shipped 300-step pair, no clear difference over three training seeds at
+  150 steps); plain training given SADM's wall-clock instead (a step costs more) is better still.
+  Varying λ, the time window, the critic's width and the relation moves the outcome between "no
+  difference" and "worse".
+- The first reading: the fakes are one-step predictions, and the ε-MSE-optimal x̂_0 is the posterior mean
+  E[x_0 | x_t], which spreads less than the x_0 it averages over (increasingly with t); a critic finds
+  that shrinkage, and a denoiser pushed to undo it moves ε̂ off the score that sampling needs.
+- The test: on the ring the posterior mean is known exactly, and ``reference=`` lets the game compare x̂_0
+  with it instead of with x_0 (a perfect denoiser then owes the game nothing). The distance the critic
+  found fell about sixteen-fold, but the harm stayed (precision still clearly below plain training's; no
+  clear difference from the ordinary game). So the shrinkage is most of what the critic sees, not the main
+  cause of the damage. What remains is the game itself: cosine relations are scale-free, so a critic can
+  magnify arbitrarily small differences by shrinking its features (trained against predictions equal to
+  the reference up to float32 rounding, it still reports a distance), and its gradient pushes ε̂ after the
+  residual errors of an imperfect model. The paper's own fakes, relation and critic conditioning could not
+  be read and may differ; a norm-constrained or t-conditioned critic is the next thing to try.
+
 :func:`train_sadm` runs the zoo's loop (:func:`workbench.training.train_diffusion`) with the structure
 term as an extra loss and the critic as an auxiliary model; with ``sadm=None`` it is plain training by the
 same code, for comparisons at equal seed and budget. Any diffusers denoiser works (``UNet2DModel``,
@@ -267,13 +289,24 @@ class StructureGame:
         sample_shape: one sample's shape in model space (the critic's input).
         config: the game's settings.
         seed: the critic's initial weights.
+        reference: what the *real* structure is measured on, ``reference(info) -> (B, ...)`` in x_0 space
+            (default: the clean batch x_0). An ablation hook: e.g. the exact posterior mean E[x_0 | x_t]
+            where the data's law is known (:func:`workbench.sadm.toy2d.ring_posterior_mean`), which a
+            perfect denoiser's x̂_0 matches, so the game then asks nothing of it that denoising does not.
     """
 
     def __init__(
-        self, noise_scheduler: SchedulerMixin, sample_shape: Sequence[int], config: SADMConfig, *, seed: int = 0
+        self,
+        noise_scheduler: SchedulerMixin,
+        sample_shape: Sequence[int],
+        config: SADMConfig,
+        *,
+        seed: int = 0,
+        reference: Callable[[DiffusionStep], torch.Tensor] | None = None,
     ):
         self.noise_scheduler = noise_scheduler
         self.config = config
+        self.reference = reference
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.critic = StructureCritic(sample_shape, width=config.critic_width, feature_dim=config.feature_dim)
@@ -289,7 +322,15 @@ class StructureGame:
         prediction = predicted_clean(self.noise_scheduler, info.noisy, info.timesteps, info.model_output)
         if self.config.clip_prediction is not None:
             prediction = prediction.clamp(-self.config.clip_prediction, self.config.clip_prediction)
-        return info.clean[keep], prediction[keep]
+        if self.reference is None:
+            real = info.clean
+        else:
+            real = self.reference(info).detach()
+            if real.shape != info.clean.shape:
+                raise ValueError(
+                    f"reference: must return the clean batch's shape {tuple(info.clean.shape)}, got {tuple(real.shape)}"
+                )
+        return real[keep], prediction[keep]
 
     def term(self, info: DiffusionStep) -> torch.Tensor:
         """λ(step) · D_φ(X_0, X̂_θ), differentiable in the denoiser only."""
@@ -337,6 +378,7 @@ def train_sadm(
     model_kwargs: Callable[[object], Mapping[str, torch.Tensor]] | None = None,
     callback: Callable[[int, Mapping[str, float]], None] | None = None,
     description: str = "sadm",
+    reference: Callable[[DiffusionStep], torch.Tensor] | None = None,
 ) -> tuple[nn.Module, StructureCritic | None]:
     """Train ``denoiser`` in place with the structure game (``sadm``) or plainly (``sadm=None``).
 
@@ -353,6 +395,7 @@ def train_sadm(
         sadm: the game's settings; None trains plainly through the same loop.
         critic_seed: the critic's initial weights.
         encode_images, encode_prompts, model_kwargs, callback, description: passed to the loop.
+        reference: what the real structure is measured on (default x_0; see :class:`StructureGame`).
 
     Raises:
         ValueError: a batch size below 2, or a denoiser whose output shape differs from its input's.
@@ -363,7 +406,13 @@ def train_sadm(
     if sadm is not None and not isinstance(sadm, SADMConfig):
         raise TypeError(f"sadm must be a SADMConfig or None, got {type(sadm).__name__}")
     sample_shape = _check_denoiser(denoiser, world, encode_images, encode_prompts, model_kwargs)
-    game = None if sadm is None else StructureGame(noise_scheduler, sample_shape, sadm, seed=critic_seed)
+    if reference is not None and sadm is None:
+        raise ValueError("reference: only the structure game uses it; got a reference with sadm=None")
+    game = (
+        None
+        if sadm is None
+        else StructureGame(noise_scheduler, sample_shape, sadm, seed=critic_seed, reference=reference)
+    )
     ema = train_diffusion(
         denoiser,
         noise_scheduler,

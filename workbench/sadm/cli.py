@@ -1,4 +1,4 @@
-"""``python -m workbench sadm {finetune,points,evaluate,cost}``: SADM (paper 5) on the toy world."""
+"""``python -m workbench sadm {finetune,points,evaluate,finetunes,cost}``: SADM (paper 5) on the toy world."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def main(argv: list[str]) -> None:
     points.add_argument("--critic-width", type=int, default=None)
     points.add_argument("--relation", choices=("cosine", "centred_cosine"), default=None)
     points.add_argument("--batch-size", type=int, default=None)
+    points.add_argument(
+        "--posterior-mean",
+        action="store_true",
+        help="also run the game against the exact posterior mean E[x_0 | x_t] (ring only)",
+    )
     points.add_argument("--out", default=None, help="also write the per-seed results to this JSON file")
     evaluate = actions.add_parser("evaluate", help="Frechet and structure distances of the shipped fine-tunes")
     evaluate.add_argument("--quick", action="store_true")
@@ -36,6 +41,14 @@ def main(argv: list[str]) -> None:
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--out", default=None, help="also write the per-seed results to this JSON file")
     evaluate.add_argument("--paths", nargs="+", default=None, help="evaluate these pipeline folders instead")
+    finetunes = actions.add_parser(
+        "finetunes", help="the image tier over training seeds: plain, SADM, plain at equal wall-clock"
+    )
+    finetunes.add_argument("--steps", type=int, default=150, help="SADM's and plain's fine-tuning steps")
+    finetunes.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    finetunes.add_argument("--num-samples", type=int, default=192, help="images per fine-tune")
+    finetunes.add_argument("--state-dir", default=None, help="keep (and resume) the training states here")
+    finetunes.add_argument("--out", default=None, help="also write the per-seed results to this JSON file")
     actions.add_parser("cost", help="seconds per fine-tuning step, plain and SADM")
     args = parser.parse_args(argv)
 
@@ -73,6 +86,7 @@ def main(argv: list[str]) -> None:
                 kind=args.kind,
                 sadm=replace(experiment.POINT_SADM, **changes),
                 batch_size=args.batch_size or 256,
+                posterior_mean_arm=args.posterior_mean,
             )
             _print(results)
             if args.out:
@@ -90,6 +104,13 @@ def main(argv: list[str]) -> None:
                 num_inference_steps=10 if quick else 20,
                 seeds=args.seeds,
                 structure_batch=16 if quick else 32,
+            )
+            _print(results)
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        elif args.action == "finetunes":
+            results = experiment.compare_finetunes(
+                seeds=args.seeds, steps=args.steps, num_samples=args.num_samples, state_dir=args.state_dir
             )
             _print(results)
             if args.out:

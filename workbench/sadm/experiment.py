@@ -36,8 +36,10 @@ __all__ = [
     "POINT_SADM",
     "available_pipelines",
     "batch_structure_distance",
+    "compare_finetunes",
     "compare_images",
     "compare_points",
+    "cost_ratio",
     "finetune_toy_uncond",
     "load_finetune",
     "paired_difference",
@@ -116,25 +118,12 @@ def finetune_toy_uncond(
     name = FINETUNES[variant]
     out = Path(out_dir) if out_dir is not None else zoo.DATA_DIR / name
     state = Path(state_dir) if state_dir is not None else zoo.RUNS_DIR / name
-    pipe = zoo.load("toy-uncond")
+    tuned, seconds, _ = _finetune(sadm if variant == "sadm" else None, steps, seed, state / "state.safetensors", name)
     config = _finetune_config(steps, seed)
-    start = time.perf_counter()
-    unet, _ = train_sadm(
-        pipe.unet,
-        zoo.noise_scheduler(),
-        zoo.BIASED_WORLD,
-        config=config,
-        state_path=state / "state.safetensors",
-        sadm=sadm if variant == "sadm" else None,
-        critic_seed=seed,
-        description=name,
-    )
-    seconds = time.perf_counter() - start
-    tuned = DDPMPipeline(unet=unet, scheduler=pipe.scheduler)
     out.mkdir(parents=True, exist_ok=True)
     tuned.save_config(out)
     tuned.scheduler.save_pretrained(out / "scheduler")
-    checkpoint.save_model(unet, out / "unet")
+    checkpoint.save_model(tuned.unet, out / "unet")
     record = {
         "command": _finetune_command(variant, steps, seed, out_dir, sadm),
         "base": "toy-uncond (data/toy-uncond)",
@@ -146,6 +135,103 @@ def finetune_toy_uncond(
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def _finetune(
+    sadm: SADMConfig | None, steps: int, seed: int, state_path: Path, description: str
+) -> tuple[DDPMPipeline, float, float]:
+    """Fine-tune the shipped toy-uncond (resuming ``state_path``): (pipeline with the EMA UNet, seconds of
+    this run, median seconds per step of this run; NaN when it resumed a finished state)."""
+    pipe = zoo.load("toy-uncond")
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick(step: int, logs: Mapping[str, float]) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    start = time.perf_counter()
+    unet, _ = train_sadm(
+        pipe.unet,
+        zoo.noise_scheduler(),
+        zoo.BIASED_WORLD,
+        config=_finetune_config(steps, seed),
+        state_path=state_path,
+        sadm=sadm,
+        critic_seed=seed,
+        callback=tick,
+        description=description,
+    )
+    seconds = time.perf_counter() - start
+    # The first steps carry start-up costs (allocation, the first checkpoint); the median ignores them.
+    per_step = float(np.median(times[2:])) if len(times) > 2 else float("nan")
+    return DDPMPipeline(unet=unet, scheduler=pipe.scheduler), seconds, per_step
+
+
+def compare_finetunes(
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 300,
+    num_samples: int = 256,
+    num_inference_steps: int = 20,
+    structure_batch: int = 32,
+    state_dir: str | Path | None = None,
+    sadm: SADMConfig = IMAGE_SADM,
+) -> dict[str, dict[str, list[float]]]:
+    """The image tier over *training* seeds: fine-tunes of toy-uncond, plain and SADM at equal steps, and
+    plain at SADM's wall-clock, each measured on its own samples.
+
+    For each seed: a plain and a SADM fine-tune of ``steps`` (same data, noise and start), then a plain one
+    of ``steps`` x (SADM's / plain's median seconds per step in this seed's two runs). Every fine-tune draws
+    ``num_samples`` images with sampling seed = training seed, measured against a held-out real set of that
+    seed (toy-CLIP Frechet distance, batch-structure distance in frozen toy-CLIP space). Training states
+    go to ``state_dir`` (a temporary folder by default) and are resumed when present.
+
+    Returns:
+        arm -> measure -> one value per seed; arms ``"plain"``, ``"sadm"``, ``"plain, equal time"``; measures
+        ``"Frechet distance"``, ``"structure distance"``, ``"steps"``, ``"seconds per step"`` (median of the
+        run's steps after the first two).
+
+    Raises:
+        ValueError: ``steps`` < 3, or ``state_dir`` already holds a finished plain or SADM run of a seed (its
+            cost per step, which sets the equal-time budget, cannot be measured).
+    """
+    if steps < 3:
+        raise ValueError(f"steps must be >= 3 (the cost per step skips two warm-up steps), got {steps}")
+    clip = zoo.load("toyclip")
+    results: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="sadm-finetunes-") as folder:
+        root = Path(state_dir) if state_dir is not None else Path(folder)
+        for seed in seeds:
+            real = zoo.BIASED_WORLD.sample(num_samples, HELD_OUT_SEED + seed).images
+            real_features = metrics.clip_features(clip, real)
+
+            def run(
+                arm: str, game: SADMConfig | None, arm_steps: int, seed=seed, real=real, real_features=real_features
+            ) -> float:
+                path = root / f"{arm.replace(', ', '-').replace(' ', '-')}-seed{seed}-steps{arm_steps}.safetensors"
+                pipe, _, per_step = _finetune(game, arm_steps, seed, path, f"{arm} seed {seed}")
+                images = sample_images(pipe, num_samples, num_inference_steps=num_inference_steps, seed=seed)
+                figures = {
+                    "Frechet distance": metrics.frechet_distance(metrics.clip_features(clip, images), real_features),
+                    "structure distance": batch_structure_distance(clip, images, real, batch_size=structure_batch),
+                    "steps": arm_steps,
+                    "seconds per step": per_step,
+                }
+                for key, value in figures.items():
+                    results.setdefault(arm, {}).setdefault(key, []).append(float(value))
+                return per_step
+
+            plain_cost = run("plain", None, steps)
+            sadm_cost = run("sadm", sadm, steps)
+            if not np.isfinite(sadm_cost / plain_cost):
+                raise ValueError(
+                    f"state_dir={state_dir!s}: seed {seed}'s plain or SADM run was already finished there, so its "
+                    "cost per step (which sets the equal-time budget) was not measured; use a fresh state_dir"
+                )
+            run("plain, equal time", None, max(steps, round(steps * sadm_cost / plain_cost)))
+    return results
 
 
 def train_pipeline_unet(
@@ -312,20 +398,43 @@ def compare_points(
     sadm: SADMConfig = POINT_SADM,
     num_samples: int = 2000,
     batch_size: int = 256,
+    posterior_mean_arm: bool = False,
 ) -> dict[str, dict[str, list[float]]]:
     """The 2-D tier over ``seeds``: plain and SADM at equal steps, and plain at SADM's wall-clock.
 
+    Each seed gives every arm the same initial weights, data stream and noise. The equal-time arm trains
+    plainly for ``steps`` x (SADM's seconds / plain's seconds of that seed), at least ``steps``.
+
+    Args:
+        seeds, steps, kind, sadm, num_samples, batch_size: the runs' settings.
+        posterior_mean_arm: also run the game with the exact posterior mean E[x_0 | x_t] as its real side
+            (the ring only; :func:`~workbench.sadm.toy2d.ring_posterior_mean`), the test of why the term hurts.
+
     Returns:
-        arm -> measure -> one value per seed; arms ``"plain"``, ``"sadm"``, ``"plain, equal time"``;
-        measures from :func:`~workbench.sadm.toy2d.point_metrics` plus ``"seconds"`` and ``"steps"``.
+        arm -> measure -> one value per seed; arms ``"plain"``, ``"sadm"``, ``"plain, equal time"`` and
+        (optionally) ``"sadm, posterior-mean reference"``; measures from
+        :func:`~workbench.sadm.toy2d.point_metrics` plus ``"seconds"``, ``"steps"``, ``"seconds per step"`` and,
+        for the game's arms, ``"critic distance"`` (the structure distance the critic reports over the last
+        tenth of training, in its own feature space: how much gap it still finds).
     """
+    if posterior_mean_arm and kind != "ring":
+        raise ValueError(f"posterior_mean_arm needs kind='ring' (a known law), got kind={kind!r}")
     world = PointWorld(kind)
     real = world.sample(num_samples, HELD_OUT_SEED).images
     results: dict[str, dict[str, list[float]]] = {}
 
     def add(arm: str, run) -> None:
         generated = sample_points(run.denoiser, num_samples, seed=HELD_OUT_SEED + 1)
-        figures = point_metrics(generated, real, world) | {"seconds": run.seconds, "steps": run.steps}
+        figures = point_metrics(generated, real, world) | {
+            "seconds": run.seconds,
+            "steps": run.steps,
+            "seconds per step": run.seconds / run.steps,
+        }
+        seen = [
+            logs["critic.distance"] for logs in run.history[-max(1, run.steps // 10) :] if "critic.distance" in logs
+        ]
+        if seen:  # what the critic still finds at the end of training (its own feature space)
+            figures["critic distance"] = float(np.mean(seen))
         for key, value in figures.items():
             results.setdefault(arm, {}).setdefault(key, []).append(float(value))
 
@@ -336,6 +445,11 @@ def compare_points(
         add("sadm", game)
         equal_time = max(steps, round(steps * game.seconds / plain.seconds))
         add("plain, equal time", train_points(world, sadm=None, steps=equal_time, seed=seed, batch_size=batch_size))
+        if posterior_mean_arm:
+            oracle = train_points(
+                world, sadm=sadm, steps=steps, seed=seed, batch_size=batch_size, reference="posterior mean"
+            )
+            add("sadm, posterior-mean reference", oracle)
     return results
 
 
@@ -435,67 +549,116 @@ def step_cost(*, steps: int = 6, seed: int = 0) -> dict[str, float]:
     return figures
 
 
+def cost_ratio(results: Mapping[str, Mapping[str, Sequence[float]]], arm: str = "sadm", other: str = "plain") -> str:
+    """``arm``'s seconds per step over ``other``'s, per seed, as "mean x ± 95 % half-width"."""
+    per_step = "seconds per step"
+    ratios = np.asarray(results[arm][per_step], dtype=np.float64) / np.asarray(results[other][per_step], np.float64)
+    mean, half = metrics.mean_interval(ratios)
+    return f"{mean:.2f}x ± {half:.2f}"
+
+
+# The reproduction's budgets (full mode), chosen so that the section runs in about 25 minutes on one core:
+# the image tier's nine fine-tunes (3 seeds x plain, SADM, plain at equal time) are the bulk.
+REPRO_POINT_STEPS, REPRO_IMAGE_STEPS, REPRO_IMAGE_SAMPLES = 3000, 150, 192
+
+
 def reproduce(*, quick: bool, out_dir: Path):
-    """The ``sadm`` section of the reproduction report (2-D tier, image tier, cost per step)."""
-    from workbench.plots.sadm import points_figure
+    """The ``sadm`` section of the reproduction report.
+
+    2-D ring (3 seeds; quick 2): plain, SADM, plain at SADM's wall-clock, and SADM with the exact posterior
+    mean as the real side. Image tier (3 training seeds; quick 2): fine-tunes of toy-uncond, plain, SADM and
+    plain at equal wall-clock (:func:`compare_finetunes`). Per-seed figures go to ``out_dir/results.json``.
+    """
+    from workbench.plots.sadm import points_figure, spread_figure
     from workbench.reproduce import ReproSection
+    from workbench.sadm.toy2d import RingPosteriorDenoiser, prediction_spread
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = (0, 1) if quick else (0, 1, 2)
-    points = compare_points(seeds=seeds, steps=300 if quick else 3000, num_samples=500 if quick else 2000)
-    rows = [
-        {"tier": "2-D ring", "arm": arm, "measure": key, "value": _format(values)}
-        for arm, figures in points.items()
-        for key, values in figures.items()
-    ]
-    images = compare_images(
-        available_pipelines(),
-        num_samples=64 if quick else 500,
-        num_inference_steps=10 if quick else 20,
+    point_steps = 300 if quick else REPRO_POINT_STEPS
+    image_steps = 4 if quick else REPRO_IMAGE_STEPS
+    image_samples = 32 if quick else REPRO_IMAGE_SAMPLES
+    points = compare_points(seeds=seeds, steps=point_steps, num_samples=500 if quick else 2000, posterior_mean_arm=True)
+    images = compare_finetunes(
         seeds=seeds,
+        steps=image_steps,
+        num_samples=image_samples,
+        num_inference_steps=10 if quick else 20,
         structure_batch=16 if quick else 32,
     )
-    rows += [
-        {"tier": "image", "arm": name, "measure": key, "value": _format(values)}
-        for name, figures in images.items()
+    (out_dir / "results.json").write_text(json.dumps({"2-D ring": points, "image": images}, indent=1) + "\n")
+    rows = [
+        {"tier": tier, "arm": arm, "measure": key, "value": _format(values)}
+        for tier, results in (("2-D ring", points), ("image", images))
+        for arm, figures in results.items()
         for key, values in figures.items()
+        if key not in ("seconds", "steps") or (tier == "image" and key == "steps")
     ]
-    cost = step_cost(steps=3 if quick else 8)
+
+    # Figures: seed 0's samples of each 2-D arm, and the spread of their one-step predictions x̂_0.
     world = PointWorld("ring")
-    run = train_points(world, sadm=POINT_SADM, steps=300 if quick else 3000, seed=0)
-    figure = points_figure(
-        {"real": world.sample(1000, HELD_OUT_SEED).images, "sadm": sample_points(run.denoiser, 1000, seed=1)}
-    )
-    path = out_dir / "points.png"
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    runs = {
+        "plain": train_points(world, sadm=None, steps=point_steps, seed=0),
+        "sadm": train_points(world, sadm=POINT_SADM, steps=point_steps, seed=0),
+        "sadm, posterior-mean ref.": train_points(
+            world, sadm=POINT_SADM, steps=point_steps, seed=0, reference="posterior mean"
+        ),
+    }
+    samples = {"real": world.sample(1000, HELD_OUT_SEED).images}
+    samples |= {name: sample_points(run.denoiser, 1000, seed=1) for name, run in runs.items()}
+    paths = [out_dir / "points.png", out_dir / "spread.png"]
+    points_figure(samples).savefig(paths[0], dpi=110, bbox_inches="tight")
+    spreads = {name: prediction_spread(run.denoiser, world) for name, run in runs.items()}
+    spreads["exact posterior mean"] = prediction_spread(RingPosteriorDenoiser(), world)
+    spread_figure(spreads).savefig(paths[1], dpi=110, bbox_inches="tight")
+
+    oracle = "sadm, posterior-mean reference"
+    point_measures = ("energy distance", "precision", "modes covered")
     comparisons = [
         (
             "2-D, SADM - plain at equal steps",
             points,
             "sadm",
             "plain",
-            ("energy distance", "precision", "modes covered"),
+            point_measures,
         ),
         ("2-D, SADM - plain at equal time", points, "sadm", "plain, equal time", ("energy distance", "precision")),
+        (
+            "2-D, SADM with the posterior mean as real side - plain",
+            points,
+            oracle,
+            "plain",
+            point_measures,
+        ),
+        ("2-D, SADM with the posterior mean as real side - SADM", points, oracle, "sadm", point_measures),
+        ("images, SADM - plain at equal steps", images, "sadm", "plain", ("Frechet distance", "structure distance")),
+        (
+            "images, SADM - plain at equal time",
+            images,
+            "sadm",
+            "plain, equal time",
+            ("Frechet distance", "structure distance"),
+        ),
     ]
-    if {FINETUNES["sadm"], FINETUNES["plain"]} <= set(images):
-        measures = ("Frechet distance", "structure distance")
-        comparisons.append(("images, SADM - plain fine-tune", images, FINETUNES["sadm"], FINETUNES["plain"], measures))
     lines = [
         f"{label}: " + "; ".join(paired_difference(results[a], results[b], m) for m in measures)
         for label, results, a, b, measures in comparisons
     ]
+    cost = f"Cost per step, SADM / plain: 2-D {cost_ratio(points)}, images {cost_ratio(images)}"
     verdict = (
-        "Paired differences by seed (mean ± 95 % interval; the same seed gives both arms the same data and noise): "
+        "Paired differences by seed (mean ± 95 % interval; a seed gives every arm the same start, data and noise): "
         + ". ".join(lines)
-        + f". Cost: {cost['plain']:.3f} s per plain step, {cost['sadm']:.3f} s with SADM "
-        f"({cost['sadm'] / cost['plain']:.2f}x). Lower distances and higher precision / modes are better."
+        + f". {cost}. Lower distances and higher precision / modes are better."
     )
     notes = (
         ("Quick mode: a smoke test with few steps and samples; its numbers are noisy. " if quick else "")
-        + f"2-D game: {asdict(replace(POINT_SADM, clip_prediction=None))}. "
-        f"Image game: {asdict(IMAGE_SADM)}. The paper reports ImageNet FID "
-        "1.58 (256x256) and 2.11 (512x512) with DiT-scale models; nothing here is comparable in scale."
+        + f"Budgets: 2-D {point_steps} denoiser steps (batch 256) per run; images: fine-tunes of toy-uncond for "
+        f"{image_steps} steps (batch 64) per arm and training seed, {image_samples} samples each (sampling seed = "
+        "training seed). Equal time: plain training for SADM's seconds (the seed's measured ratio). "
+        f"2-D game: {asdict(replace(POINT_SADM, clip_prediction=None))}. Image game: {asdict(IMAGE_SADM)}. "
+        "The paper reports ImageNet FID 1.58 (256x256) and 2.11 (512x512) with DiT-scale models; nothing here "
+        "is comparable in scale. Figures: seed 0's 2-D samples, and the spread of one-step predictions x̂_0 "
+        "(mean pairwise distance / the data's) against t, with the exact posterior mean's as the yardstick."
     )
     return ReproSection(
         title="SADM: structure-guided adversarial training (paper 5)",
@@ -503,6 +666,6 @@ def reproduce(*, quick: bool, out_dir: Path):
         "(ImageNet FID 1.58 at 256x256, 2.11 at 512x512).",
         rows=rows,
         verdict=verdict,
-        figures=[path],
+        figures=paths,
         notes=notes,
     )

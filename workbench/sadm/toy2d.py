@@ -8,6 +8,11 @@ it unchanged; the world's batches carry points where the toy world's carry image
 Measures (generated vs held-out real points): the energy distance (Székely & Rizzo 2013), precision (the
 share of samples within ``delta`` of a real point), recall (the share of real points within ``delta`` of
 a sample) and, for the ring, the modes covered.
+
+The ring's law is a known Gaussian mixture, so its exact posterior mean E[x_0 | x_t]
+(:func:`ring_posterior_mean`) is available: the x̂_0 that a perfect ε-denoiser predicts. The structure
+game can be told to compare x̂_0 with it instead of with x_0 (``reference="posterior mean"``), which
+tests why the term hurts: see :mod:`workbench.sadm`.
 """
 
 from __future__ import annotations
@@ -27,16 +32,18 @@ from torch import nn
 
 from workbench.sadm import SADMConfig, StructureCritic, predicted_clean, train_sadm
 from workbench.sampling import denoise, initial_noise
-from workbench.training import DiffusionTrainConfig
+from workbench.training import DiffusionStep, DiffusionTrainConfig
 
 __all__ = [
     "PointBatch",
     "PointDenoiser",
     "PointWorld",
+    "RingPosteriorDenoiser",
     "Run2D",
     "energy_distance",
     "point_metrics",
     "prediction_spread",
+    "ring_posterior_mean",
     "sample_points",
     "train_points",
 ]
@@ -132,6 +139,51 @@ def point_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
 
 
+def ring_posterior_mean(noise_scheduler, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The exact E[x_0 | x_t] for the ring of Gaussians (the ε-MSE-optimal denoiser's x̂_0).
+
+    With x_0 ~ (1/8) Σ_k N(μ_k, s² I) and x_t = a x_0 + b ε (a² = ᾱ_t, b² = 1 - ᾱ_t): the mode posterior is
+    softmax_k(-|x_t - a μ_k|² / 2v) with v = a² s² + b², and E[x_0 | x_t, k] = μ_k + (a s² / v)(x_t - a μ_k).
+
+    Args:
+        noise_scheduler: the training scheduler (its ``alphas_cumprod``).
+        noisy: (B, 2) x_t.
+        timesteps: (B,) t.
+    """
+    if noisy.ndim != 2 or noisy.shape[1] != 2 or timesteps.shape != noisy.shape[:1]:
+        raise ValueError(
+            f"noisy must be (B, 2) and timesteps (B,), got {tuple(noisy.shape)} and {tuple(timesteps.shape)}"
+        )
+    modes = torch.from_numpy(PointWorld("ring").modes()).to(noisy.device, torch.float64)
+    abar = noise_scheduler.alphas_cumprod.to(noisy.device, torch.float64)[timesteps][:, None, None]
+    a, variance = abar.sqrt(), abar * RING_STD**2 + (1 - abar)  # (B, 1, 1)
+    offset = noisy.double()[:, None] - a * modes[None]  # (B, K, 2)
+    weights = torch.softmax(-offset.pow(2).sum(-1, keepdim=True) / (2 * variance), dim=1)
+    means = modes[None] + a * RING_STD**2 / variance * offset
+    return (weights * means).sum(1).to(noisy.dtype)
+
+
+class RingPosteriorDenoiser(nn.Module):
+    """The ring's exact ε-MSE-optimal denoiser, ε*(x_t, t) = (x_t - √ᾱ_t E[x_0 | x_t]) / √(1 - ᾱ_t).
+
+    A yardstick: its x̂_0 is the posterior mean, so :func:`prediction_spread` of it is the spread that a
+    *perfect* model's one-step predictions have (below the data's at every t > 0).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.scheduler = point_scheduler()
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> PointOutput:
+        t = torch.as_tensor(timestep, device=sample.device).long().flatten().expand(len(sample))
+        abar = self.scheduler.alphas_cumprod.to(sample.device, torch.float32)[t][:, None]
+        mean = ring_posterior_mean(self.scheduler, sample.float(), t)
+        return PointOutput((sample.float() - abar.sqrt() * mean) / (1 - abar).sqrt())
+
+
+Reference = Literal["data", "posterior mean"]
+
+
 @dataclass
 class Run2D:
     """A finished 2-D run: the EMA denoiser, the critic (None when plain), its logs and its time."""
@@ -154,6 +206,7 @@ def train_points(
     learning_rate: float = 1e-3,
     state_path: str | Path | None = None,
     callback: Callable[[int, Mapping[str, float]], None] | None = None,
+    reference: Reference = "data",
 ) -> Run2D:
     """Train a :class:`PointDenoiser` on ``world`` plainly (``sadm=None``) or with the structure game.
 
@@ -167,7 +220,22 @@ def train_points(
         width: the denoiser's hidden units.
         state_path: training-state file for checkpoints and resume.
         callback: ``(step, logs)`` after every step (e.g. a live loss plot).
+        reference: the real side of the game: ``"data"`` (x_0, the method) or ``"posterior mean"``
+            (:func:`ring_posterior_mean`; the ring only, an ablation).
     """
+    if reference not in ("data", "posterior mean"):
+        raise ValueError(f"reference must be 'data' or 'posterior mean', got {reference!r}")
+    if reference == "posterior mean" and (world.kind != "ring" or sadm is None):
+        raise ValueError(
+            f"reference='posterior mean' needs the ring world and a game, got kind={world.kind!r}, sadm={sadm!r}"
+        )
+    scheduler = point_scheduler()
+    oracle = None
+    if reference == "posterior mean":
+
+        def oracle(info: DiffusionStep) -> torch.Tensor:
+            return ring_posterior_mean(scheduler, info.noisy, info.timesteps)
+
     if sadm is not None:
         sadm = replace(sadm, clip_prediction=None)
     config = DiffusionTrainConfig(
@@ -197,7 +265,7 @@ def train_points(
         start = time.perf_counter()
         ema, critic = train_sadm(
             denoiser,
-            point_scheduler(),
+            scheduler,
             world,
             config=config,
             state_path=path,
@@ -206,6 +274,7 @@ def train_points(
             encode_images=torch.from_numpy,
             callback=record,
             description=f"2-D {world.kind} {'sadm' if sadm else 'plain'}",
+            reference=oracle,
         )
         seconds = time.perf_counter() - start
     return Run2D(ema, critic, history, seconds, steps)
