@@ -507,10 +507,16 @@ def test_the_2d_comparison_has_the_posterior_mean_arm():
 def test_the_image_tier_over_training_seeds_runs_three_arms():
     from workbench.sadm.experiment import compare_finetunes
 
-    results = compare_finetunes(seeds=(0,), steps=3, num_samples=8, num_inference_steps=2, structure_batch=4)
+    results = compare_finetunes(
+        seeds=(0,), steps=3, num_samples=8, num_inference_steps=2, structure_batch=4, cost_steps=1
+    )
     assert set(results) == {"plain", "sadm", "plain, equal time"}
     assert results["sadm"]["steps"] == [3.0]
-    assert results["plain, equal time"]["steps"][0] >= 3
+    # the equal-time arm's budget is steps x the cost ratio measured before the seeds
+    (ratio,) = results["plain, equal time"]["cost ratio"]
+    assert results["plain, equal time"]["steps"] == [float(max(3, round(3 * ratio)))]
     assert all(len(values) == 1 for figures in results.values() for values in figures.values())
     with pytest.raises(ValueError, match="steps"):
         compare_finetunes(steps=2)
+    with pytest.raises(ValueError, match="cost_steps"):
+        compare_finetunes(cost_steps=0)

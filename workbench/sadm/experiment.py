@@ -176,30 +176,38 @@ def compare_finetunes(
     num_samples: int = 256,
     num_inference_steps: int = 20,
     structure_batch: int = 32,
+    cost_steps: int = 10,
     state_dir: str | Path | None = None,
     sadm: SADMConfig = IMAGE_SADM,
 ) -> dict[str, dict[str, list[float]]]:
     """The image tier over *training* seeds: fine-tunes of toy-uncond, plain and SADM at equal steps, and
     plain at SADM's wall-clock, each measured on its own samples.
 
-    For each seed: a plain and a SADM fine-tune of ``steps`` (same data, noise and start), then a plain one
-    of ``steps`` x (SADM's / plain's median seconds per step in this seed's two runs). Every fine-tune draws
-    ``num_samples`` images with sampling seed = training seed, measured against a held-out real set of that
-    seed (toy-CLIP Frechet distance, batch-structure distance in frozen toy-CLIP space). Training states
-    go to ``state_dir`` (a temporary folder by default) and are resumed when present.
+    The equal-time budget is set once, before any seed, from :func:`step_cost` (``cost_steps`` steps of each,
+    back to back): ``steps`` x SADM's / plain's seconds per step. One short measurement for all seeds, rather
+    than each seed's two long runs, so that another job slowing one run on a shared machine does not move a
+    seed's budget. For each seed: a plain and a SADM fine-tune of ``steps`` (same data, noise and start),
+    then plain for the equal-time budget. Every fine-tune draws ``num_samples`` images with sampling seed =
+    training seed, measured against a held-out real set of that seed (toy-CLIP Frechet distance,
+    batch-structure distance in frozen toy-CLIP space). Training states go to ``state_dir`` (a temporary
+    folder by default) and are resumed when present.
 
     Returns:
         arm -> measure -> one value per seed; arms ``"plain"``, ``"sadm"``, ``"plain, equal time"``; measures
         ``"Frechet distance"``, ``"structure distance"``, ``"steps"``, ``"seconds per step"`` (median of the
-        run's steps after the first two).
+        run's steps after the first two), and for the equal-time arm ``"cost ratio"`` (the budget's ratio).
 
     Raises:
-        ValueError: ``steps`` < 3, or ``state_dir`` already holds a finished plain or SADM run of a seed (its
-            cost per step, which sets the equal-time budget, cannot be measured).
+        ValueError: ``steps`` < 3 or ``cost_steps`` < 1.
     """
     if steps < 3:
         raise ValueError(f"steps must be >= 3 (the cost per step skips two warm-up steps), got {steps}")
+    if cost_steps < 1:
+        raise ValueError(f"cost_steps must be >= 1, got {cost_steps}")
     clip = zoo.load("toyclip")
+    cost = step_cost(steps=cost_steps)
+    ratio = cost["sadm"] / cost["plain"]
+    equal_time_steps = max(steps, round(steps * ratio))
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="sadm-finetunes-") as folder:
         root = Path(state_dir) if state_dir is not None else Path(folder)
@@ -209,28 +217,25 @@ def compare_finetunes(
 
             def run(
                 arm: str, game: SADMConfig | None, arm_steps: int, seed=seed, real=real, real_features=real_features
-            ) -> float:
+            ) -> dict[str, float]:
                 path = root / f"{arm.replace(', ', '-').replace(' ', '-')}-seed{seed}-steps{arm_steps}.safetensors"
                 pipe, _, per_step = _finetune(game, arm_steps, seed, path, f"{arm} seed {seed}")
                 images = sample_images(pipe, num_samples, num_inference_steps=num_inference_steps, seed=seed)
-                figures = {
+                return {
                     "Frechet distance": metrics.frechet_distance(metrics.clip_features(clip, images), real_features),
                     "structure distance": batch_structure_distance(clip, images, real, batch_size=structure_batch),
                     "steps": arm_steps,
                     "seconds per step": per_step,
                 }
+
+            arms = {
+                "plain": run("plain", None, steps),
+                "sadm": run("sadm", sadm, steps),
+                "plain, equal time": run("plain, equal time", None, equal_time_steps) | {"cost ratio": ratio},
+            }
+            for arm, figures in arms.items():
                 for key, value in figures.items():
                     results.setdefault(arm, {}).setdefault(key, []).append(float(value))
-                return per_step
-
-            plain_cost = run("plain", None, steps)
-            sadm_cost = run("sadm", sadm, steps)
-            if not np.isfinite(sadm_cost / plain_cost):
-                raise ValueError(
-                    f"state_dir={state_dir!s}: seed {seed}'s plain or SADM run was already finished there, so its "
-                    "cost per step (which sets the equal-time budget) was not measured; use a fresh state_dir"
-                )
-            run("plain, equal time", None, max(steps, round(steps * sadm_cost / plain_cost)))
     return results
 
 
@@ -644,7 +649,11 @@ def reproduce(*, quick: bool, out_dir: Path):
         f"{label}: " + "; ".join(paired_difference(results[a], results[b], m) for m in measures)
         for label, results, a, b, measures in comparisons
     ]
-    cost = f"Cost per step, SADM / plain: 2-D {cost_ratio(points)}, images {cost_ratio(images)}"
+    budget_ratio = images["plain, equal time"]["cost ratio"][0]
+    cost = (
+        f"Cost per step, SADM / plain: 2-D {cost_ratio(points)}, images {cost_ratio(images)} over the runs and "
+        f"{budget_ratio:.2f}x in the back-to-back measurement that set the image tier's equal-time budget"
+    )
     verdict = (
         "Paired differences by seed (mean ± 95 % interval; a seed gives every arm the same start, data and noise): "
         + ". ".join(lines)
@@ -654,7 +663,8 @@ def reproduce(*, quick: bool, out_dir: Path):
         ("Quick mode: a smoke test with few steps and samples; its numbers are noisy. " if quick else "")
         + f"Budgets: 2-D {point_steps} denoiser steps (batch 256) per run; images: fine-tunes of toy-uncond for "
         f"{image_steps} steps (batch 64) per arm and training seed, {image_samples} samples each (sampling seed = "
-        "training seed). Equal time: plain training for SADM's seconds (the seed's measured ratio). "
+        "training seed). Equal time: plain training for SADM's seconds; on the image tier the ratio is measured "
+        "once, back to back, before the seeds (step_cost), on the 2-D tier per seed. "
         f"2-D game: {asdict(replace(POINT_SADM, clip_prediction=None))}. Image game: {asdict(IMAGE_SADM)}. "
         "The paper reports ImageNet FID 1.58 (256x256) and 2.11 (512x512) with DiT-scale models; nothing here "
         "is comparable in scale. Figures: seed 0's 2-D samples, and the spread of one-step predictions x̂_0 "
