@@ -142,19 +142,27 @@ def test_every_class_sees_the_same_noise_and_the_batch_equals_single_calls():
     torch.testing.assert_close(single, result.errors[0, 1], rtol=1e-4, atol=1e-6)
 
 
+def _four_classes(*, adapter_seed: int, latent_seed: int, noise_seed: int, grid: int):
+    """A tiny UNet with four perturbed class adapters, three latents, TiF weights and shared noise for a grid."""
+    unet = tiny_unet2d_condition(sample_size=16)
+    names = ["a", "b", "c", "d"]
+    _perturbed_adapters(unet, names, seed=adapter_seed)
+    scheduler = tiny_ddpm_scheduler()
+    conditions = [tif.ClassCondition(n, _states(unet), n) for n in names]
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(latent_seed))
+    weights = tif.tif_weights(scheduler.alphas_cumprod, 4.0)
+    noise = torch.randn((3, grid, 4, 16, 16), generator=torch.Generator().manual_seed(noise_seed))
+    return unet, scheduler, conditions, latents, weights, noise
+
+
 def test_pruning_keeps_the_top_classes_and_a_real_pruned_run_equals_its_replay():
     errors = torch.tensor([[3.0, 3.0], [1.0, 1.0], [2.0, 2.0], [0.5, math.nan]])
     kept, scores = tif.select_classes(errors, torch.ones(2), [0, 1, 2], keep=2)
     assert kept == [1, 2] and math.isinf(scores[3])
 
-    unet = tiny_unet2d_condition(sample_size=16)
-    names = ["a", "b", "c", "d"]
-    _perturbed_adapters(unet, names, seed=5)
-    scheduler = tiny_ddpm_scheduler()
-    conditions = [tif.ClassCondition(n, _states(unet), n) for n in names]
-    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(4))
-    weights = tif.tif_weights(scheduler.alphas_cumprod, 4.0)
-    noise = torch.randn((3, 8, 4, 16, 16), generator=torch.Generator().manual_seed(2))
+    unet, scheduler, conditions, latents, weights, noise = _four_classes(
+        adapter_seed=5, latent_seed=4, noise_seed=2, grid=8
+    )
     full = tif.classify(
         unet,
         scheduler,
@@ -181,14 +189,9 @@ def test_pruning_keeps_the_top_classes_and_a_real_pruned_run_equals_its_replay()
 
 
 def test_a_truncated_pruned_run_equals_its_replay_on_the_full_grid():
-    unet = tiny_unet2d_condition(sample_size=16)
-    names = ["a", "b", "c", "d"]
-    _perturbed_adapters(unet, names, seed=6)
-    scheduler = tiny_ddpm_scheduler()
-    conditions = [tif.ClassCondition(n, _states(unet), n) for n in names]
-    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(8))
-    weights = tif.tif_weights(scheduler.alphas_cumprod, 4.0)
-    noise = torch.randn((3, 10, 4, 16, 16), generator=torch.Generator().manual_seed(9))
+    unet, scheduler, conditions, latents, weights, noise = _four_classes(
+        adapter_seed=6, latent_seed=8, noise_seed=9, grid=10
+    )
     full_config = tif.ClassifyConfig((10,), (1,))
     full = tif.classify(unet, scheduler, latents, conditions, weights, config=full_config, noise=noise, progress=False)
 
