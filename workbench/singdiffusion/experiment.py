@@ -479,11 +479,6 @@ def trailing_changes_start(scheduler, num_inference_steps: int) -> bool:
     return bool(trailing.timesteps[0] != own.timesteps[0])
 
 
-def _fine_tune_steps(pipe) -> str:
-    record = Path(pipe.config._name_or_path) / "training.json"
-    return str(json.loads(record.read_text())["config"]["steps"]) if record.is_file() else "an unrecorded number of"
-
-
 def _sizes(quick: bool) -> dict:
     # 10 DPM-Solver++ steps in both modes: the method changes only the first step, and six methods x six groups
     # x 200 images at 20 steps take over an hour on one CPU core.
@@ -502,6 +497,7 @@ def reproduce(*, quick: bool, out_dir: Path) -> ReproSection:
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe, module, toyclip = zoo.load("toy-t2i"), zoo.load("toy-t2i-sing"), zoo.load("toyclip")
     offset_pipe = zoo.load("toy-t2i-offset")
+    offset_record = json.loads((zoo.DATA_DIR / "toy-t2i-offset" / "training.json").read_text())
     sizes = _sizes(quick)
     methods = ["base", "singdiffusion", "oracle", "guidance rescale", "signal leak", "offset noise"]
     pipe.scheduler.set_timesteps(sizes["num_inference_steps"])
@@ -555,7 +551,8 @@ def reproduce(*, quick: bool, out_dir: Path) -> ReproSection:
         "conditional one's spread and leaves the start alone (Lin et al. pair it with a zero-terminal-SNR schedule, "
         "which this base model was not trained with), so compare its rows with the base's. "
         "Offset noise: the shipped toy-t2i-offset, "
-        f"toy-t2i fine-tuned {_fine_tune_steps(offset_pipe)} steps with offset 0.1 (retrains the whole denoiser). "
+        f"toy-t2i fine-tuned {offset_record['config']['steps']} steps with offset {offset_record['offset']} "
+        "(retrains the whole denoiser). "
         f"Module x_bar vs the toy world's exact mean (pixel RMSE in [0, 1] units, 4 noises averaged): {rmse}."
     )
     return ReproSection(
