@@ -195,7 +195,8 @@ def compare_finetunes(
     Returns:
         arm -> measure -> one value per seed; arms ``"plain"``, ``"sadm"``, ``"plain, equal time"``; measures
         ``"Frechet distance"``, ``"structure distance"``, ``"steps"``, ``"seconds per step"`` (median of the
-        run's steps after the first two), and for the equal-time arm ``"cost ratio"`` (the budget's ratio).
+        run's steps after the first two; NaN for a run resumed from a finished state in ``state_dir``), and for
+        the equal-time arm ``"cost ratio"`` (the budget's ratio).
 
     Raises:
         ValueError: ``steps`` < 3 or ``cost_steps`` < 1.
