@@ -316,9 +316,23 @@ def test_comparison_runs_every_method_from_the_same_noise(toy_pipe, toyclip):
         offset_pipe=toy_pipe,  # the same weights stand in for the fine-tune: it must then equal the base
         oracle=sing.ToyWorldOracle(num_images=20),
     )
-    rows = experiment.summarise(comparison, toyclip)
-    assert [(r["group"], r["method"]) for r in rows] == [(g.name, m) for g in groups for m in methods]
+    from workbench.attribute_classifier import AttributeClassifier
+    from workbench.toyworld import ATTRIBUTES
+
+    judge = AttributeClassifier(attributes={a: list(ATTRIBUTES[a]) for a in ("shape", "colour")}).eval()
+    rows = experiment.summarise(comparison, toyclip, judge)
+    every = [experiment.REAL_IMAGES, *methods]
+    assert [(r["group"], r["method"]) for r in rows] == [(g.name, m) for g in groups for m in every]
     assert rows[0]["target"] == 0.0 and rows[0]["within 0.1 of target"] != ""
+    assert rows[0]["background mean"] == 0.0 and rows[0]["retraining"] == ""  # the real black images
+    with pytest.raises(ValueError, match="judge"):
+        experiment.summarise(comparison, toyclip, AttributeClassifier())  # two shapes, two colours only
+    # Paired change against the base: none for the identical offset stand-in, a real interval for the oracle.
+    assert experiment.accuracy_change(comparison, judge, "offset noise") == (0.0, 0.0)
+    change, half = experiment.accuracy_change(comparison, judge, "oracle", attribute="colour")
+    assert -1.0 <= change <= 1.0 and half >= 0.0
+    with pytest.raises(ValueError, match="attribute"):
+        experiment.accuracy_change(comparison, judge, "oracle", attribute="size")
     # The oracle's first step puts a black background under a random model: its border is darker.
     black = {r["method"]: r["background mean"] for r in rows if r["group"] == "black"}
     assert black["oracle"] < black["base"]

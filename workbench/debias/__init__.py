@@ -21,10 +21,12 @@ mean); L :func:`distribution_loss`; s ``GuidanceConfig.scale`` (times ``Attribut
 tau ``GuidanceConfig.temperature``.
 
 Layers: :mod:`.hspace` (hooks), :mod:`.adp` (heads, data collection, training), :mod:`.guidance` (the
-method and the per-sample baselines), :mod:`.classifier` (the evaluation CNN on true labels),
-:mod:`.experiment` (the toy-world runner, measurements and the reproduction section).
+method and the per-sample baselines), :mod:`.experiment` (the toy-world runner, measurements and the
+reproduction section). The evaluation CNN on true labels is shared plumbing
+(:mod:`workbench.attribute_classifier`), re-exported here.
 """
 
+from workbench.attribute_classifier import AttributeClassifier, classify, train_attribute_classifier
 from workbench.debias.adp import (
     HEADS,
     ADPTrainConfig,
@@ -37,7 +39,6 @@ from workbench.debias.adp import (
     train_prompt_adp,
     unet_fingerprint,
 )
-from workbench.debias.classifier import AttributeClassifier, classify, train_attribute_classifier
 from workbench.debias.guidance import (
     AttributeTarget,
     GuidanceConfig,

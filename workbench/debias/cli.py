@@ -39,8 +39,8 @@ def main(argv: list[str]) -> None:
     sweep.add_argument("--out", default=None, help="also write the curves to this JSON file")
     args = parser.parse_args(argv)
 
+    from workbench.attribute_classifier import train_attribute_classifier
     from workbench.debias import experiment
-    from workbench.debias.classifier import train_attribute_classifier
 
     try:
         if args.action == "train-classifier":

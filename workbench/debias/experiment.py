@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench import metrics, zoo
+from workbench.attribute_classifier import AttributeClassifier, classify
 from workbench.debias.adp import (
     ADPTrainConfig,
     AttributeDistributionPredictor,
@@ -33,7 +34,6 @@ from workbench.debias.adp import (
     train_adp,
     unet_fingerprint,
 )
-from workbench.debias.classifier import AttributeClassifier, classify
 from workbench.debias.guidance import AttributeTarget, GuidanceConfig, assign_classes, h_guidance, x0_guidance
 from workbench.sampling import denoise, initial_noise
 from workbench.toyclip import ToyCLIPModel, zero_shot_classify
