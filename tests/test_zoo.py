@@ -155,6 +155,22 @@ def test_shipped_toyclip_reads_shape_and_colour_zero_shot():
     assert accuracy["shape"] >= 0.9 and accuracy["colour"] >= 0.9
 
 
+def test_shipped_shape_colour_classifier_reads_every_background_on_held_out_images():
+    from workbench.attribute_classifier import classify
+    from workbench.toyworld import ATTRIBUTES, ToyWorld
+
+    judge = zoo.load("toy-shape-colour-classifier")
+    assert {a: list(v) for a, v in judge.config.attributes.items()} == {
+        a: list(ATTRIBUTES[a]) for a in ("shape", "colour")
+    }
+    for background in ATTRIBUTES["background"]:
+        batch = ToyWorld().sample(120, 98765, fixed={"background": background})
+        read = classify(judge, batch.images)
+        for attribute in ("shape", "colour"):
+            accuracy = (read[attribute] == batch.labels[attribute]).mean()
+            assert accuracy >= 0.97, (background, attribute, accuracy)
+
+
 def test_shipped_toy_t2i_follows_prompts():
     from workbench.toyclip import zero_shot_classify
     from workbench.zoo_report import sample_prompted
@@ -206,6 +222,14 @@ def test_offset_noise_fine_tune_starts_from_toy_t2i_and_records_it(tmp_path, mon
     # one step of a fine-tune moves the weights a little, not from a fresh initialisation
     changes = [(a - b).abs().max() for a, b in zip(base.parameters(), tuned.parameters(), strict=True)]
     assert 0 < max(changes) < 0.05
+
+
+def test_shape_colour_classifier_trains_through_the_zoo_and_records_accuracy_per_background(tmp_path):
+    out = zoo.train("toy-shape-colour-classifier", steps=2, out_dir=tmp_path / "judge")
+    record = json.loads((out / "training.json").read_text())
+    assert record["command"].endswith("--steps 2 --seed 0") and record["attributes"]["shape"][2] == "triangle"
+    assert set(record["held_out_accuracy_by_background"]) == {"black", "dark", "grey", "light", "white"}
+    assert zoo.load("toy-shape-colour-classifier", path=out).heads["colour"].out_features == 4
 
 
 def test_train_rejects_options_the_model_does_not_take(tmp_path):
