@@ -1,11 +1,13 @@
 """Quality figures of the zoo models, measured (``python -m workbench zoo evaluate``).
 
 - toyclip: zero-shot accuracy per attribute on held-out toy images.
-- toy-t2i: prompt following (toyclip's zero-shot accuracy on generated images for the prompted shape
-  and colour, with guidance) and the toyclip Frechet distance of samples to held-out real images, next to
-  the same figures for the untrained (randomly initialised) model and for a second real set (the floor).
+- toy-t2i: prompt following (the prompted shape and colour on generated images, with guidance, read by
+  the evaluation CNN trained on true labels, ``toy-shape-colour-classifier``, and by toyclip's zero-shot
+  classifier) and the toyclip Frechet distance of samples to held-out real images, next to the same
+  figures for the untrained (randomly initialised) model and for a second real set (the floor).
 - toy-uncond: the same Frechet distances against its biased world, and the attribute frequencies of its
-  samples next to the world's bias (what Balancing Act starts from).
+  samples next to the world's bias (what Balancing Act starts from), read by both judges on samples and
+  on real images (toyclip's zero-shot reading is biased; the CNN's is not).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench import metrics, zoo
+from workbench.attribute_classifier import classify
 from workbench.pipelines import as_channels_first
 from workbench.plots import image_grid
 from workbench.sampling import denoise, initial_noise
@@ -99,9 +102,14 @@ def evaluate(name: str, *, quick: bool = False) -> dict[str, float]:
         random_images, *_ = sample_prompted(untrained, n, num_inference_steps=steps)
         shape_acc = float((zero_shot_classify(clip, images, "shape").numpy() == shape_idx).mean())
         colour_acc = float((zero_shot_classify(clip, images, "colour").numpy() == colour_idx).mean())
+        read = classify(zoo.load("toy-shape-colour-classifier"), images)
+        cnn_shape_acc = float((read["shape"] == shape_idx).mean())
+        cnn_colour_acc = float((read["colour"] == colour_idx).mean())
         return {
-            "prompted shape accuracy (guidance 4)": round(shape_acc, 4),
-            "prompted colour accuracy (guidance 4)": round(colour_acc, 4),
+            "prompted shape accuracy (guidance 4), evaluation CNN": round(cnn_shape_acc, 4),
+            "prompted colour accuracy (guidance 4), evaluation CNN": round(cnn_colour_acc, 4),
+            "prompted shape accuracy (guidance 4), toyclip zero-shot": round(shape_acc, 4),
+            "prompted colour accuracy (guidance 4), toyclip zero-shot": round(colour_acc, 4),
             f"Frechet distance, {n} samples vs real": round(_frechet(clip, images, real), 3),
             "Frechet distance, untrained model vs real": round(_frechet(clip, random_images, real), 3),
             "Frechet distance, real vs real (floor)": round(_frechet(clip, floor, real), 3),
@@ -121,14 +129,18 @@ def evaluate(name: str, *, quick: bool = False) -> dict[str, float]:
             "Frechet distance, untrained model vs biased world": round(_frechet(clip, untrained, real), 3),
             "Frechet distance, real vs real (floor)": round(_frechet(clip, floor, real), 3),
         }
-        # Counted by toyclip over the world's own values; the same count on real images shows the judge's bias.
+        # Counted by toyclip over the world's own values and by the evaluation CNN; the same counts on real
+        # images show each judge's bias.
+        judge = zoo.load("toy-shape-colour-classifier")
         for attribute, value in (("shape", "circle"), ("colour", "red")):
             world = zoo.BIASED_WORLD.bias[attribute]
             values = tuple(world)
             first = values.index(value)
             for label, batch in (("samples", images), ("real images", real)):
                 share = (zero_shot_classify(clip, batch, attribute, values=values).numpy() == first).mean()
-                figures[f"fraction {value} in {label} (world: {world[value]})"] = round(float(share), 4)
+                read = (classify(judge, batch)[attribute] == ATTRIBUTES[attribute].index(value)).mean()
+                figures[f"fraction {value} in {label} (world: {world[value]}), toyclip"] = round(float(share), 4)
+                figures[f"fraction {value} in {label} (world: {world[value]}), evaluation CNN"] = round(float(read), 4)
         return figures
     raise ValueError(f"name must be one of {list(zoo.ZOO)}, got {name!r}")
 
