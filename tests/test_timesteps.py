@@ -524,3 +524,28 @@ def test_panel_reoptimises_and_samples_the_toy_text_to_image_pipeline(sd_schedul
     assert shown.count("Figure") == 3 and "error" not in shown
     controls["N (NFE)"].value = 1  # below the order: a message, not an exception
     assert "error: num_steps must be >= order" in capsys.readouterr().out
+
+
+def test_verdict_counts_wins_against_uniform_logsnr_and_against_the_best_other_schedule():
+    from workbench.timesteps.experiment import ExperimentConfig, ExperimentResult
+
+    errors = {  # N -> schedule -> ODE error: optimized beats uniform_lambda at N = 4 and 5, uniform_time beats both
+        4: {"optimized": 0.18, "uniform_lambda": 0.25, "uniform_time": 0.14},
+        5: {"optimized": 0.10, "uniform_lambda": 0.16, "uniform_time": 0.12},
+        6: {"optimized": 0.12, "uniform_lambda": 0.11, "uniform_time": 0.06},
+    }
+    rows = [
+        {"solver": "dpmsolver++", "order": 2, "num_steps": n, "schedule": name, "ode_error": value, "fd": None}
+        for n, values in errors.items()
+        for name, value in values.items()
+    ]
+    result = ExperimentResult(rows=rows, reference={}, previews={}, config=ExperimentConfig.quick())
+    assert [(n, name) for _, n, _, name, _ in result.best_other("ode_error")] == [
+        (4, "uniform_time"),
+        (5, "uniform_time"),
+        (6, "uniform_time"),
+    ]
+    verdict = result.verdict()
+    assert "optimized beats uniform-logSNR in 2 of 3 low-N cases" in verdict
+    assert "Against the best other schedule at each N it wins 1 of 3" in verdict
+    assert "dpmsolver++ (2) N=4 (0.18 vs uniform_time 0.14)" in verdict

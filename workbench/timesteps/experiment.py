@@ -161,8 +161,19 @@ class ExperimentResult:
                 out.append((row["solver"], row["N"], row["optimized"], row[baseline]))
         return out
 
+    def best_other(self, metric: str, *, steps: Sequence[int] = _LOW_STEPS) -> list:
+        """(solver, N, optimized, best other schedule's name, its value) for each N in ``steps``."""
+        out = []
+        for row in self.table(metric):
+            others = {k: v for k, v in row.items() if k not in ("solver", "N", "metric", "optimized")}
+            others = {k: v for k, v in others.items() if isinstance(v, float)}
+            if row["N"] in steps and isinstance(row.get("optimized"), float) and others:
+                name = min(others, key=others.get)
+                out.append((row["solver"], row["N"], row["optimized"], name, others[name]))
+        return out
+
     def verdict(self) -> str:
-        """Where optimised steps beat uniform log-SNR at low N, counted from the measurements."""
+        """Where optimised steps beat uniform log-SNR, and the best other schedule, at low N (measured)."""
         parts = []
         for metric, label in (("ode_error", "ODE error"), ("fd", "Frechet distance")):
             wins = self.wins(metric)
@@ -171,7 +182,11 @@ class ExperimentResult:
             better = [f"{s} N={n}" for s, n, opt, base in wins if opt < base]
             worse = [f"{s} N={n} ({opt:.3g} vs {base:.3g})" for s, n, opt, base in wins if opt >= base]
             text = f"{label}: optimized beats uniform-logSNR in {len(better)} of {len(wins)} low-N cases"
-            parts.append(text + (f"; not in {', '.join(worse)}" if worse else ""))
+            text += f"; not in {', '.join(worse)}" if worse else ""
+            best = self.best_other(metric)
+            lost = [f"{s} N={n} ({opt:.3g} vs {name} {value:.3g})" for s, n, opt, name, value in best if opt >= value]
+            text += f". Against the best other schedule at each N it wins {len(best) - len(lost)} of {len(best)}"
+            parts.append(text + (f"; loses {', '.join(lost)}" if lost else ""))
         return ". ".join(parts) + "." if parts else "nothing measured at low N"
 
 
