@@ -349,10 +349,7 @@ def summarise(
     world = comparison.settings.get("world", ToyWorld())
     levels = np.array([BACKGROUND_LEVELS[b] for b in ATTRIBUTES["background"]])
     world_background = float(world.probabilities("background") @ levels)
-    judged = list(judge.config.attributes)
-    if not {"shape", "colour"} <= set(judged) or any(
-        list(judge.config.attributes[a]) != list(ATTRIBUTES[a]) for a in ("shape", "colour")
-    ):
+    if any(list(judge.config.attributes.get(a, ())) != list(ATTRIBUTES[a]) for a in ("shape", "colour")):
         raise ValueError(
             "judge must classify every shape and colour of the toy world (zoo.load('toy-shape-colour-classifier')), "
             f"got attributes {dict(judge.config.attributes)}"
